@@ -1,0 +1,81 @@
+//! The seam between the scaler and whatever runs instances: local processes in default mode,
+//! pods in k8s mode. The scaler decides how many instances a function needs; a backend only
+//! starts one, reports when it exits, and stops it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::model::FunctionSpec;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a backend needs to start one instance.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    /// Never reused within one control plane process; names the instance in logs and files.
+    pub instance_id: u64,
+    pub function: Arc<FunctionSpec>,
+    /// The function's code, already unpacked.
+    pub code_dir: PathBuf,
+}
+
+/// Why an instance failed to start or stopped on its own.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InstanceFailure {
+    /// The process exited; `status` is its exit status as text ("exit status 1", "signal 9"),
+    /// `output_tail` its last output lines.
+    #[error("{what} exited with {status}{}", tail_suffix(output_tail))]
+    Exited {
+        what: String,
+        status: String,
+        output_tail: String,
+    },
+    /// The instance did not become ready within the start timeout.
+    #[error("instance did not become ready within {}ms", timeout.as_millis())]
+    StartTimeout { timeout: Duration },
+    /// The instance could not be created at all (missing or non-executable bootstrap, spawn
+    /// error, no free port).
+    #[error("{0}")]
+    Spawn(String),
+}
+
+fn tail_suffix(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; last output: {}", tail.trim_end())
+    }
+}
+
+/// Starts and stops instances for the scaler.
+pub trait InstanceBackend: Send + Sync + 'static {
+    /// Starts an instance and resolves once its port answers (ready) or once it failed.
+    ///
+    /// Called by the scaler for each instance it adds. Cancel-safe: dropping the future before it
+    /// resolves kills whatever was started.
+    fn start(
+        &self,
+        request: StartRequest,
+    ) -> BoxFuture<'_, Result<Box<dyn RunningInstance>, InstanceFailure>>;
+}
+
+/// A started, ready instance owned by the scaler.
+pub trait RunningInstance: Send + Sync {
+    /// Address the proxy forwards to.
+    fn addr(&self) -> SocketAddr;
+
+    /// Time from the start request until the instance's port answered.
+    fn boot_time(&self) -> Duration;
+
+    /// Resolves when the instance exits without having been asked to stop. Cancel-safe, so the
+    /// scaler can call it in a `select!` loop.
+    fn exited(&self) -> BoxFuture<'_, InstanceFailure>;
+
+    /// Stops the instance: SIGTERM (or pod deletion), then a forced kill once `grace` passed.
+    /// Resolves when it is gone. Calling it after the instance exited returns at once.
+    fn stop(&self, grace: Duration) -> BoxFuture<'_, ()>;
+}

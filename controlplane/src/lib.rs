@@ -1,0 +1,6 @@
+//! fngate's control plane: the function and namespace store with its HTTP API, the scaler, and
+//! the instance backends (local processes in default mode).
+
+pub mod backend;
+pub mod local;
+pub mod model;

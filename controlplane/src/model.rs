@@ -1,0 +1,146 @@
+//! Function and namespace specifications as operators declare them, with their defaults and
+//! validation. The config file and the HTTP API both deserialize into these types.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Version name every function has; published versions are not supported yet.
+pub const LATEST: &str = "$LATEST";
+
+/// Default maximum event body, matching SCF's limit for synchronous invocations.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 6 * 1024 * 1024;
+
+/// A function namespace: a group of functions sharing one memory quota.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSpec {
+    pub name: String,
+    /// Upper bound on the summed memory of the namespace's running instances, in MB.
+    /// Zero means no quota.
+    #[serde(default)]
+    pub memory_quota_mb: u64,
+}
+
+/// How a function is invoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FunctionKind {
+    /// Invoked with a JSON event through `POST /functions/{namespace}/{function}/invocations`.
+    Event,
+    /// Serves HTTP itself; requests under `/web/{namespace}/{function}/` reach it as they came.
+    Web,
+}
+
+/// How an event function's code receives events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventRuntime {
+    /// `bootstrap` (or `scf_bootstrap`) speaks SCF's custom runtime API to fngate's runtime
+    /// wrapper, which handles one invocation at a time.
+    #[default]
+    Custom,
+    /// `scf_bootstrap` starts a server that answers `POST /event-invoke` itself.
+    Image,
+}
+
+/// Where a function's code comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum CodeSource {
+    /// A directory used in place.
+    Directory(PathBuf),
+    /// A zip archive, unpacked under the function directory.
+    ZipFile(PathBuf),
+}
+
+/// A function as declared. Durations are in milliseconds on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    pub namespace: String,
+    pub name: String,
+    pub kind: FunctionKind,
+    #[serde(default)]
+    pub runtime: EventRuntime,
+    pub code: CodeSource,
+    #[serde(default = "defaults::memory_mb")]
+    pub memory_mb: u32,
+    /// Execution timeout: how long one invocation may run once it reached an instance.
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Concurrent requests one instance accepts (its slots).
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: u32,
+    #[serde(default)]
+    pub min_instances: u32,
+    #[serde(default = "defaults::max_instances")]
+    pub max_instances: u32,
+    /// How long an idle instance is kept before it is drained and stopped.
+    #[serde(default = "defaults::keep_warm_ms")]
+    pub keep_warm_ms: u64,
+    /// How long a request may wait for a free slot, cold start included.
+    #[serde(default = "defaults::queue_budget_ms")]
+    pub queue_budget_ms: u64,
+    /// Maximum number of requests waiting for a slot.
+    #[serde(default = "defaults::queue_limit")]
+    pub queue_limit: u32,
+    /// Maximum request body in bytes.
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// How long an instance may take to become ready before its start counts as failed.
+    #[serde(default = "defaults::start_timeout_ms")]
+    pub start_timeout_ms: u64,
+}
+
+mod defaults {
+    pub fn memory_mb() -> u32 {
+        128
+    }
+    pub fn timeout_ms() -> u64 {
+        3_000
+    }
+    pub fn concurrency() -> u32 {
+        1
+    }
+    pub fn max_instances() -> u32 {
+        10
+    }
+    pub fn keep_warm_ms() -> u64 {
+        60_000
+    }
+    pub fn queue_budget_ms() -> u64 {
+        10_000
+    }
+    pub fn queue_limit() -> u32 {
+        1_000
+    }
+    pub fn max_body_bytes() -> u64 {
+        super::DEFAULT_MAX_BODY_BYTES
+    }
+    pub fn start_timeout_ms() -> u64 {
+        30_000
+    }
+}
+
+impl FunctionSpec {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn keep_warm(&self) -> Duration {
+        Duration::from_millis(self.keep_warm_ms)
+    }
+
+    pub fn queue_budget(&self) -> Duration {
+        Duration::from_millis(self.queue_budget_ms)
+    }
+
+    pub fn start_timeout(&self) -> Duration {
+        Duration::from_millis(self.start_timeout_ms)
+    }
+}
