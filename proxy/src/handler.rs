@@ -1,0 +1,535 @@
+//! Request handling: route, look up the function, check the request, take a slot (queueing when
+//! none is free), forward to the instance and stream the answer back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::{ProxyBody, WebBody};
+use crate::error::ProxyError;
+use crate::headers::{self, FUNCTION_ERROR, REQUEST_ID, RUNTIME_ERROR, SERVER_TIMING};
+use crate::instance::InstanceState;
+use crate::metrics::Outcome;
+use crate::pool::{AcquireError, Permit};
+use crate::route::{self, Route};
+use crate::table::{Function, FunctionKind, FunctionSettings, Router};
+use crate::upstream::{self, SendError, Sender, UpstreamBody};
+use crate::Invocation;
+
+/// Sends to another instance at most this many times after an instance was unreachable.
+const MAX_RETRIES: usize = 3;
+
+/// Largest event function response read into memory, as SCF's 6 MB response limit.
+const MAX_EVENT_RESPONSE_BYTES: usize = 6 * 1024 * 1024;
+
+/// Longest error text from a function that is copied into an error message.
+const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+
+/// The data plane's request handler, shared by every connection.
+#[derive(Debug)]
+pub struct Proxy {
+    router: Arc<Router>,
+    shutting_down: AtomicBool,
+}
+
+/// A slot with the response headers the instance sent on it.
+struct Dispatched {
+    response: Response<Incoming>,
+    sender: Sender,
+    permit: Permit,
+    execution_deadline: Instant,
+}
+
+impl Proxy {
+    pub fn new(router: Arc<Router>) -> Self {
+        Proxy {
+            router,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// True while the table is synced and no shutdown started.
+    pub fn is_ready(&self) -> bool {
+        self.router.is_synced() && !self.shutting_down.load(SeqCst)
+    }
+
+    /// Makes new requests fail with 503 while in-flight ones finish.
+    pub fn start_shutdown(&self) {
+        self.shutting_down.store(true, SeqCst);
+    }
+
+    /// Handles one request. Every outcome, failures included, becomes a response here.
+    pub async fn handle(
+        &self,
+        client: SocketAddr,
+        request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let mut response = match self.route(client, request, &request_id).await {
+            Ok(response) => response,
+            Err(error) => error.to_response(&request_id),
+        };
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID, value);
+        }
+        response
+    }
+
+    async fn route(
+        &self,
+        client: SocketAddr,
+        request: Request<Incoming>,
+        request_id: &str,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if self.shutting_down.load(SeqCst) {
+            return Err(ProxyError::ShuttingDown);
+        }
+        let qualifier = route::qualifier(request.uri().query())?;
+        match route::parse(request.uri().path())? {
+            Route::Invocation {
+                namespace,
+                function,
+            } => {
+                let function = self.router.lookup(namespace, function, &qualifier)?;
+                require_kind(&function, FunctionKind::Event)?;
+                let invocation = Invocation::new(Arc::clone(&function));
+                let result = self.invoke_event(&function, request, request_id).await;
+                finish_on_error(invocation, result)
+            }
+            Route::Web {
+                namespace,
+                function,
+                rest,
+            } => {
+                let function = self.router.lookup(namespace, function, &qualifier)?;
+                require_kind(&function, FunctionKind::Web)?;
+                let upstream_uri = upstream_uri(rest, request.uri().query())?;
+                let invocation = Invocation::new(Arc::clone(&function));
+                self.invoke_web(
+                    function,
+                    client,
+                    request,
+                    upstream_uri,
+                    request_id,
+                    invocation,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn invoke_event(
+        &self,
+        function: &Arc<Function>,
+        request: Request<Incoming>,
+        request_id: &str,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if request.method() != Method::POST {
+            return Err(ProxyError::MethodNotAllowed {
+                method: request.method().to_string(),
+                path: request.uri().path().to_owned(),
+                allowed: "POST",
+            });
+        }
+        let settings = function.settings();
+        let event = read_event(request, settings.max_body_bytes).await?;
+
+        let mut upstream = Request::new(Either::Left(Full::new(event)));
+        *upstream.method_mut() = Method::POST;
+        *upstream.uri_mut() = Uri::from_static("/event-invoke");
+        let upstream_headers = upstream.headers_mut();
+        upstream_headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers::set_scf_headers(upstream_headers, request_id, &function.key, &settings);
+
+        let dispatched = self.dispatch(function, &settings, upstream).await?;
+        let Dispatched {
+            response,
+            sender,
+            permit,
+            execution_deadline,
+        } = dispatched;
+        let timing = server_timing(function, &permit);
+        let (parts, body) = response.into_parts();
+        let limited = Limited::new(body, MAX_EVENT_RESPONSE_BYTES);
+        let collected = tokio::time::timeout_at(execution_deadline, limited.collect()).await;
+        let body = match collected {
+            Err(_) => return Err(timeout_error(function, &settings)),
+            Ok(Err(error)) if error.is::<LengthLimitError>() => {
+                return Err(ProxyError::ResponseTooLarge {
+                    function: function.key.to_string(),
+                    limit: MAX_EVENT_RESPONSE_BYTES as u64,
+                })
+            }
+            Ok(Err(error)) => {
+                return Err(upstream_failed(function, &permit, &error.to_string()));
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        permit.instance().conns.put(sender);
+        drop(permit);
+        event_response(function, &settings, parts, body, timing)
+    }
+
+    async fn invoke_web(
+        &self,
+        function: Arc<Function>,
+        client: SocketAddr,
+        mut request: Request<Incoming>,
+        upstream_uri: Uri,
+        request_id: &str,
+        invocation: Invocation,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let settings = function.settings();
+        if content_length(request.headers()).is_some_and(|len| len > settings.max_body_bytes) {
+            return finish_on_error(
+                invocation,
+                Err(ProxyError::BodyTooLarge {
+                    limit: settings.max_body_bytes,
+                }),
+            );
+        }
+        let upgrade = headers::is_upgrade(request.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+
+        let (mut parts, body) = request.into_parts();
+        parts.uri = upstream_uri;
+        headers::remove_hop_by_hop(&mut parts.headers, upgrade);
+        headers::add_forwarding(&mut parts.headers, client.ip(), "http");
+        headers::set_scf_headers(&mut parts.headers, request_id, &function.key, &settings);
+        let limit = usize::try_from(settings.max_body_bytes).unwrap_or(usize::MAX);
+        let upstream = Request::from_parts(parts, Either::Right(Limited::new(body, limit)));
+
+        let dispatched = match self.dispatch(&function, &settings, upstream).await {
+            Ok(dispatched) => dispatched,
+            Err(error) => return finish_on_error(invocation, Err(error)),
+        };
+        let Dispatched {
+            mut response,
+            sender,
+            permit,
+            execution_deadline,
+        } = dispatched;
+        let timing = server_timing(&function, &permit);
+
+        if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
+            (client_upgrade, response.status())
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(crate::tunnel::run(
+                client_upgrade,
+                upstream_upgrade,
+                permit,
+                invocation,
+            ));
+            drop(sender);
+            let (parts, _) = response.into_parts();
+            let mut response = Response::from_parts(parts, Either::Left(Full::new(Bytes::new())));
+            add_timing(&mut response, timing);
+            return Ok(response);
+        }
+
+        let (mut parts, body) = response.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers, false);
+        let body = WebBody::new(
+            body,
+            execution_deadline,
+            settings.timeout,
+            permit,
+            sender,
+            invocation,
+        );
+        let mut response = Response::from_parts(parts, Either::Right(body));
+        add_timing(&mut response, timing);
+        Ok(response)
+    }
+
+    /// Takes a slot and sends the request, moving to another instance when the request provably
+    /// never reached the chosen one.
+    async fn dispatch(
+        &self,
+        function: &Arc<Function>,
+        settings: &FunctionSettings,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<Dispatched, ProxyError> {
+        let queue_deadline = Instant::now() + settings.queue_budget;
+        let mut last_cause = String::new();
+        for _ in 0..=MAX_RETRIES {
+            let budget = queue_deadline.saturating_duration_since(Instant::now());
+            let permit = match function.pool.acquire(budget).await {
+                Ok(permit) => permit,
+                Err(error) => return Err(acquire_error(function, error, &last_cause)),
+            };
+            if let Some(waited) = permit.queued_for() {
+                function.metrics.record_queue_wait(waited);
+            }
+            let execution_deadline = Instant::now() + settings.timeout;
+            let instance = Arc::clone(permit.instance());
+            let sent =
+                tokio::time::timeout_at(execution_deadline, upstream::send(&instance, request))
+                    .await;
+            match sent {
+                Err(_) => return Err(timeout_error(function, settings)),
+                Ok(Ok((response, sender))) => {
+                    return Ok(Dispatched {
+                        response,
+                        sender,
+                        permit,
+                        execution_deadline,
+                    })
+                }
+                Ok(Err(SendError::Failed(error))) => {
+                    return Err(upstream_failed(function, &permit, &error.to_string()))
+                }
+                Ok(Err(SendError::NotSent {
+                    request: unsent,
+                    cause,
+                })) => {
+                    tracing::warn!(function = %function.key, instance = instance.id(), %cause,
+                        "instance unreachable; taking it out of routing and retrying elsewhere");
+                    function
+                        .pool
+                        .remove_instance(instance.id(), InstanceState::Failed);
+                    function.pool.notify_demand();
+                    function.metrics.record_retry();
+                    drop(permit);
+                    request = unsent;
+                    last_cause = cause;
+                }
+            }
+        }
+        Err(ProxyError::NoInstance {
+            function: function.key.to_string(),
+            message: format!(
+                "no reachable instance after {} attempts; last error: {last_cause}",
+                MAX_RETRIES + 1
+            ),
+        })
+    }
+}
+
+fn require_kind(function: &Function, expected: FunctionKind) -> Result<(), ProxyError> {
+    let actual = function.settings().kind;
+    if actual == expected {
+        return Ok(());
+    }
+    let hint = match actual {
+        FunctionKind::Event => format!(
+            "it is an event function; invoke it with POST /functions/{}/{}/invocations",
+            function.key.namespace, function.key.name
+        ),
+        FunctionKind::Web => format!(
+            "it is a web function; send requests under /web/{}/{}/",
+            function.key.namespace, function.key.name
+        ),
+    };
+    Err(ProxyError::InvalidRequest(format!(
+        "function {}/{} cannot be called this way: {hint}",
+        function.key.namespace, function.key.name
+    )))
+}
+
+/// Records the outcome of a failed invocation and passes the result on.
+fn finish_on_error(
+    invocation: Invocation,
+    result: Result<Response<ProxyBody>, ProxyError>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    match &result {
+        Ok(response) if response.status().is_success() => invocation.finish(Outcome::Success),
+        Ok(_) => invocation.finish(Outcome::UserError),
+        Err(error) => invocation.finish(error.classify().2),
+    }
+    result
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Reads an event body up to `limit` bytes and checks that it is JSON. An empty body is `{}`.
+async fn read_event(request: Request<Incoming>, limit: u64) -> Result<Bytes, ProxyError> {
+    if content_length(request.headers()).is_some_and(|len| len > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let limited = Limited::new(
+        request.into_body(),
+        usize::try_from(limit).unwrap_or(usize::MAX),
+    );
+    let body = match limited.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<LengthLimitError>() => {
+            return Err(ProxyError::BodyTooLarge { limit })
+        }
+        Err(error) => {
+            return Err(ProxyError::InvalidRequest(format!(
+                "failed to read the request body: {error}"
+            )))
+        }
+    };
+    if body.is_empty() {
+        return Ok(Bytes::from_static(b"{}"));
+    }
+    if let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
+        return Err(ProxyError::InvalidRequest(format!(
+            "request body is not valid JSON ({error}); send the event as a JSON document"
+        )));
+    }
+    Ok(body)
+}
+
+fn upstream_uri(rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    let path_and_query = match query {
+        Some(query) => format!("{rest}?{query}"),
+        None => rest.to_owned(),
+    };
+    path_and_query
+        .parse()
+        .map_err(|error| ProxyError::InvalidRequest(format!("invalid request path: {error}")))
+}
+
+/// Maps an event function's answer: 2xx passes through as 200; the runtime wrapper's own
+/// failures keep their meaning; any other status is the function's error.
+fn event_response(
+    function: &Function,
+    settings: &FunctionSettings,
+    parts: http::response::Parts,
+    body: Bytes,
+    timing: Option<HeaderValue>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if let Some(runtime_error) = parts.headers.get(RUNTIME_ERROR) {
+        return Err(match runtime_error.as_bytes() {
+            b"TimeLimitReached" => timeout_error(function, settings),
+            _ => ProxyError::UpstreamFailed {
+                function: function.key.to_string(),
+                instance: 0,
+                cause: truncated_text(&body),
+            },
+        });
+    }
+    if !parts.status.is_success() {
+        let kind = parts
+            .headers
+            .get(FUNCTION_ERROR)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("status");
+        let message = format!(
+            "{kind} {}: {}",
+            parts.status.as_u16(),
+            truncated_text(&body)
+        );
+        return Err(ProxyError::UserCode {
+            function: function.key.to_string(),
+            message,
+        });
+    }
+    let mut response = Response::new(Either::Left(Full::new(body)));
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, content_type);
+    add_timing(&mut response, timing);
+    Ok(response)
+}
+
+fn truncated_text(body: &[u8]) -> String {
+    let end = body.len().min(MAX_ERROR_MESSAGE_BYTES);
+    String::from_utf8_lossy(&body[..end]).trim().to_owned()
+}
+
+fn acquire_error(function: &Function, error: AcquireError, last_cause: &str) -> ProxyError {
+    let name = function.key.to_string();
+    match error {
+        AcquireError::QueueFull { .. } => ProxyError::QueueFull {
+            function: name,
+            source: error,
+        },
+        AcquireError::StartFailed { reason } => ProxyError::StartFailed {
+            function: name,
+            reason,
+        },
+        AcquireError::BudgetExceeded {
+            ref last_start_failure,
+            ..
+        } => {
+            let mut message = error.to_string();
+            match last_start_failure {
+                Some(reason) => message.push_str(&format!("; last start failure: {reason}")),
+                None if !last_cause.is_empty() => {
+                    message.push_str(&format!("; last error: {last_cause}"))
+                }
+                None => message.push_str("; raise the function's max_instances or queue_budget_ms"),
+            }
+            ProxyError::NoInstance {
+                function: name,
+                message,
+            }
+        }
+        AcquireError::Removed => ProxyError::NoInstance {
+            function: name,
+            message: "the function was removed while the request waited".to_owned(),
+        },
+    }
+}
+
+fn timeout_error(function: &Function, settings: &FunctionSettings) -> ProxyError {
+    ProxyError::Timeout {
+        function: function.key.to_string(),
+        timeout: settings.timeout,
+    }
+}
+
+fn upstream_failed(function: &Function, permit: &Permit, cause: &str) -> ProxyError {
+    ProxyError::UpstreamFailed {
+        function: function.key.to_string(),
+        instance: permit.instance().id(),
+        cause: cause.to_owned(),
+    }
+}
+
+/// `Server-Timing` value for a request that waited for a slot: time queued, and the instance's
+/// boot time when this request is the first it serves (a cold start).
+fn server_timing(function: &Function, permit: &Permit) -> Option<HeaderValue> {
+    let first_use = permit.instance().take_first_use();
+    let queued = permit.queued_for()?;
+    let mut value = format!("queue;dur={:.3}", millis(queued));
+    if first_use {
+        function.metrics.record_cold_start();
+        value.push_str(&format!(
+            ", boot;dur={:.3}",
+            millis(permit.instance().boot_time())
+        ));
+    }
+    HeaderValue::from_str(&value).ok()
+}
+
+fn add_timing(response: &mut Response<ProxyBody>, timing: Option<HeaderValue>) {
+    if let Some(timing) = timing {
+        response.headers_mut().insert(SERVER_TIMING, timing);
+    }
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}

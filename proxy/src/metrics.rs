@@ -1,0 +1,144 @@
+//! Prometheus metrics of the data plane. Handles are created once per function, so recording on
+//! the request path is an atomic update and no label lookup. Gauges that mirror pool state
+//! (in-flight, queue depth, routable instances) are read from the pools when `/metrics` is
+//! scraped, which keeps them off the request path entirely.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Counter, Histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::table::{FunctionKey, Router};
+
+pub const INVOCATIONS: &str = "fngate_invocations_total";
+pub const INVOCATION_DURATION: &str = "fngate_invocation_duration_seconds";
+pub const QUEUE_WAIT: &str = "fngate_queue_wait_seconds";
+pub const COLD_STARTS: &str = "fngate_cold_starts_total";
+pub const QUEUE_DEPTH: &str = "fngate_queue_depth";
+pub const IN_FLIGHT: &str = "fngate_in_flight_requests";
+pub const ROUTABLE_INSTANCES: &str = "fngate_routable_instances";
+pub const UPSTREAM_RETRIES: &str = "fngate_upstream_retries_total";
+
+/// How an invocation ended, as the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    UserError,
+    BadRequest,
+    QueueFull,
+    NoInstance,
+    UpstreamFailed,
+    Timeout,
+    ClientGone,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 8] = [
+        Outcome::Success,
+        Outcome::UserError,
+        Outcome::BadRequest,
+        Outcome::QueueFull,
+        Outcome::NoInstance,
+        Outcome::UpstreamFailed,
+        Outcome::Timeout,
+        Outcome::ClientGone,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::UserError => "user_error",
+            Outcome::BadRequest => "bad_request",
+            Outcome::QueueFull => "queue_full",
+            Outcome::NoInstance => "no_instance",
+            Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::Timeout => "timeout",
+            Outcome::ClientGone => "client_gone",
+        }
+    }
+}
+
+/// Metric handles of one function.
+#[derive(Debug)]
+pub(crate) struct FunctionMetrics {
+    invocations: [Counter; Outcome::ALL.len()],
+    duration: Histogram,
+    queue_wait: Histogram,
+    cold_starts: Counter,
+    retries: Counter,
+}
+
+impl FunctionMetrics {
+    pub(crate) fn new(key: &FunctionKey) -> Self {
+        let labels = [
+            ("namespace", key.namespace.clone()),
+            ("function", key.name.clone()),
+        ];
+        let invocations = Outcome::ALL.map(|outcome| {
+            counter!(INVOCATIONS, "namespace" => key.namespace.clone(), "function" => key.name.clone(), "outcome" => outcome.label())
+        });
+        FunctionMetrics {
+            invocations,
+            duration: histogram!(INVOCATION_DURATION, &labels),
+            queue_wait: histogram!(QUEUE_WAIT, &labels),
+            cold_starts: counter!(COLD_STARTS, &labels),
+            retries: counter!(UPSTREAM_RETRIES, &labels),
+        }
+    }
+
+    pub(crate) fn record(&self, outcome: Outcome, duration: Duration) {
+        let index = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.invocations[index].increment(1);
+        self.duration.record(duration.as_secs_f64());
+    }
+
+    pub(crate) fn record_queue_wait(&self, waited: Duration) {
+        self.queue_wait.record(waited.as_secs_f64());
+    }
+
+    pub(crate) fn record_cold_start(&self) {
+        self.cold_starts.increment(1);
+    }
+
+    pub(crate) fn record_retry(&self) {
+        self.retries.increment(1);
+    }
+}
+
+/// Installs the process-wide Prometheus recorder once and returns its handle. Later calls return
+/// the same handle.
+pub fn install_recorder() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0, 300.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (in tests); render from a detached one.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+/// Copies pool state into gauges just before a scrape.
+pub fn refresh_pool_gauges(router: &Router) {
+    for function in router.table().functions() {
+        let key = &function.key;
+        let labels = [
+            ("namespace", key.namespace.clone()),
+            ("function", key.name.clone()),
+        ];
+        let demand = function.pool.demand();
+        gauge!(QUEUE_DEPTH, &labels).set(demand.queued as f64);
+        gauge!(IN_FLIGHT, &labels).set(demand.in_flight as f64);
+        gauge!(ROUTABLE_INSTANCES, &labels).set(function.pool.instances().len() as f64);
+    }
+}

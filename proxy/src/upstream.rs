@@ -1,0 +1,143 @@
+//! Connections from the proxy to instances: a small idle pool per instance, and sending with a
+//! precise record of whether the request could have reached the instance.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+
+use crate::instance::Instance;
+
+/// Body sent to an instance: a buffered event, or a web request streamed with a size limit.
+pub type UpstreamBody = Either<Full<Bytes>, Limited<Incoming>>;
+
+pub(crate) type Sender = SendRequest<UpstreamBody>;
+
+/// How long a TCP connect to an instance may take before the instance counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Idle keep-alive connections to one instance. Holds at most as many as the instance has slots,
+/// since HTTP/1.1 carries one request per connection at a time.
+pub(crate) struct ConnPool {
+    idle: Mutex<Vec<Sender>>,
+    max_idle: usize,
+}
+
+impl std::fmt::Debug for ConnPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnPool")
+            .field("idle", &self.idle.lock().len())
+            .finish()
+    }
+}
+
+impl ConnPool {
+    pub(crate) fn new(max_idle: usize) -> Self {
+        ConnPool {
+            idle: Mutex::new(Vec::with_capacity(max_idle.min(64))),
+            max_idle,
+        }
+    }
+
+    fn take(&self) -> Option<Sender> {
+        self.idle.lock().pop()
+    }
+
+    /// Returns a connection whose last response was read to the end.
+    pub(crate) fn put(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock();
+        if idle.len() < self.max_idle {
+            idle.push(sender);
+        }
+    }
+
+    pub(crate) fn clear(&self) {
+        self.idle.lock().clear();
+    }
+}
+
+/// Why sending to an instance failed.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// No byte of the request reached the instance, so sending it to another instance is safe.
+    /// Carries the request back.
+    NotSent {
+        request: Request<UpstreamBody>,
+        cause: String,
+    },
+    /// The request was written, at least in part, and then the exchange failed.
+    Failed(hyper::Error),
+}
+
+/// Sends `request` to `instance` on a pooled connection or a new one. Returns the response and
+/// the connection, which the caller puts back once the response body was read to the end.
+pub(crate) async fn send(
+    instance: &Instance,
+    mut request: Request<UpstreamBody>,
+) -> Result<(Response<Incoming>, Sender), SendError> {
+    while let Some(mut sender) = instance.conns.take() {
+        if sender.is_closed() || !sender.is_ready() {
+            continue;
+        }
+        match sender.try_send_request(request).await {
+            Ok(response) => return Ok((response, sender)),
+            Err(mut error) => match error.take_message() {
+                // The pooled connection was closed before anything was written.
+                Some(unsent) => request = unsent,
+                None => return Err(SendError::Failed(error.into_error())),
+            },
+        }
+    }
+    let mut sender = match connect(instance.addr()).await {
+        Ok(sender) => sender,
+        Err(cause) => return Err(SendError::NotSent { request, cause }),
+    };
+    match sender.try_send_request(request).await {
+        Ok(response) => Ok((response, sender)),
+        Err(mut error) => match error.take_message() {
+            Some(request) => Err(SendError::NotSent {
+                request,
+                cause: format!(
+                    "connection to {} closed: {}",
+                    instance.addr(),
+                    error.error()
+                ),
+            }),
+            None => Err(SendError::Failed(error.into_error())),
+        },
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err(format!("connect to {addr} failed: {error}")),
+        Err(_) => {
+            return Err(format!(
+                "connect to {addr} timed out after {}ms",
+                CONNECT_TIMEOUT.as_millis()
+            ))
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| format!("HTTP handshake with {addr} failed: {error}"))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(%addr, %error, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
