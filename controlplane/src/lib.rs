@@ -2,5 +2,12 @@
 //! the instance backends (local processes in default mode).
 
 pub mod backend;
+pub mod code;
+pub mod config;
+pub mod error;
 pub mod local;
 pub mod model;
+pub mod platform;
+pub mod quota;
+pub mod scaler;
+pub mod validate;

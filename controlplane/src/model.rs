@@ -17,6 +17,9 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 6 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceSpec {
+    /// Defaults to empty so an API body may omit it (the URL path names the namespace); an
+    /// empty name fails validation.
+    #[serde(default)]
     pub name: String,
     /// Upper bound on the summed memory of the namespace's running instances, in MB.
     /// Zero means no quota.
@@ -60,7 +63,11 @@ pub enum CodeSource {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionSpec {
+    /// Defaults to empty so an API body may omit it (the URL path names the function); an empty
+    /// namespace or name fails validation.
+    #[serde(default)]
     pub namespace: String,
+    #[serde(default)]
     pub name: String,
     pub kind: FunctionKind,
     #[serde(default)]

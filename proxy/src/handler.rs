@@ -306,7 +306,7 @@ impl Proxy {
                     function.pool.notify_demand();
                     function.metrics.record_retry();
                     drop(permit);
-                    request = unsent;
+                    request = *unsent;
                     last_cause = cause;
                 }
             }

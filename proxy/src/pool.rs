@@ -312,10 +312,7 @@ impl Pool {
     /// Hands free slots to waiters in FIFO order.
     fn dispatch(self: &Arc<Self>) {
         let mut queue = self.queue.lock();
-        loop {
-            let Some(front) = queue.waiters.front() else {
-                break;
-            };
+        while let Some(front) = queue.waiters.front() {
             if front.tx.is_closed() {
                 queue.waiters.pop_front();
                 self.waiting.fetch_sub(1, SeqCst);

@@ -72,7 +72,7 @@ pub(crate) enum SendError {
     /// No byte of the request reached the instance, so sending it to another instance is safe.
     /// Carries the request back.
     NotSent {
-        request: Request<UpstreamBody>,
+        request: Box<Request<UpstreamBody>>,
         cause: String,
     },
     /// The request was written, at least in part, and then the exchange failed.
@@ -100,13 +100,18 @@ pub(crate) async fn send(
     }
     let mut sender = match connect(instance.addr()).await {
         Ok(sender) => sender,
-        Err(cause) => return Err(SendError::NotSent { request, cause }),
+        Err(cause) => {
+            return Err(SendError::NotSent {
+                request: Box::new(request),
+                cause,
+            })
+        }
     };
     match sender.try_send_request(request).await {
         Ok(response) => Ok((response, sender)),
         Err(mut error) => match error.take_message() {
             Some(request) => Err(SendError::NotSent {
-                request,
+                request: Box::new(request),
                 cause: format!(
                     "connection to {} closed: {}",
                     instance.addr(),

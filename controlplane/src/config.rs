@@ -1,0 +1,278 @@
+//! Loads the platform file, the TOML file read at start that declares namespaces and functions.
+//!
+//! Loading parses the file, makes relative code paths absolute against the file's directory,
+//! validates each spec with `validate`, and checks the file as a whole: no duplicate namespaces
+//! or functions, and no function in an undeclared namespace other than `default`. Applying the
+//! result to the platform, and reading or unpacking code packages, is left to the caller.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::PlatformError;
+use crate::model::{CodeSource, FunctionSpec, NamespaceSpec};
+use crate::validate;
+
+/// The namespace that functions may use without declaring it; it has no memory quota.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The namespaces and functions a platform file declares, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlatformFile {
+    /// Declared namespaces, preceded by an implicit `default` when a function uses it and the
+    /// file does not declare it.
+    pub namespaces: Vec<NamespaceSpec>,
+    /// Declared functions, with absolute code paths.
+    pub functions: Vec<FunctionSpec>,
+}
+
+/// Why a platform file could not be loaded. Every variant carries the file's path; `line` is
+/// the 1-based line of the table at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    /// The file is not valid TOML, or a table has an unknown field or a wrong type.
+    #[error("{}: {}{message}", path.display(), location(*line, *column))]
+    Parse {
+        path: PathBuf,
+        line: Option<usize>,
+        column: Option<usize>,
+        message: String,
+    },
+    /// A spec breaks a rule of `validate`; `position` counts the section's tables from 1.
+    #[error("{}:{line}: {section} number {position} ({name}): {source}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        section: &'static str,
+        position: usize,
+        name: String,
+        source: PlatformError,
+    },
+    #[error(
+        "{}:{line}: namespace {name:?} is declared twice (first at line {first_line}); merge the \
+         two [[namespace]] tables",
+        path.display()
+    )]
+    DuplicateNamespace {
+        path: PathBuf,
+        line: usize,
+        name: String,
+        first_line: usize,
+    },
+    #[error(
+        "{}:{line}: function {namespace}/{name} is declared twice (first at line {first_line}); \
+         merge the two [[function]] tables",
+        path.display()
+    )]
+    DuplicateFunction {
+        path: PathBuf,
+        line: usize,
+        namespace: String,
+        name: String,
+        first_line: usize,
+    },
+    #[error(
+        "{}:{line}: function {name} is in namespace {namespace:?}, which the file does not \
+         declare; add a [[namespace]] table named {namespace:?}, or use \"default\"",
+        path.display()
+    )]
+    UnknownNamespace {
+        path: PathBuf,
+        line: usize,
+        namespace: String,
+        name: String,
+    },
+}
+
+fn location(line: Option<usize>, column: Option<usize>) -> String {
+    let mut out = String::new();
+    if let Some(line) = line {
+        let _ = write!(out, "line {line}");
+        if let Some(column) = column {
+            let _ = write!(out, ", column {column}");
+        }
+        out.push_str(": ");
+    }
+    out
+}
+
+/// The file's top level: only `[[namespace]]` and `[[function]]` tables.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    namespace: Vec<Spanned<NamespaceSpec>>,
+    #[serde(default)]
+    function: Vec<Spanned<FunctionSpec>>,
+}
+
+/// Reads, parses and checks the platform file at `path`.
+pub fn load(path: &Path) -> Result<PlatformFile, ConfigError> {
+    let read_error = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(read_error)?;
+    let base_dir = std::path::absolute(path)
+        .map_err(read_error)?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    parse(&text, path, &base_dir)
+}
+
+/// Parses and checks platform file `text`; `path` is only for messages, and relative code
+/// paths are resolved against `base_dir`.
+fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<PlatformFile, ConfigError> {
+    let raw: RawFile = toml::from_str(text).map_err(|e| {
+        let (line, column) = match e.span() {
+            Some(span) => {
+                let (line, column) = line_and_column(text, span.start);
+                (Some(line), Some(column))
+            }
+            None => (None, None),
+        };
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: e.message().trim_end().to_string(),
+        }
+    })?;
+    let checker = Checker { text, path };
+    let mut namespaces = checker.namespaces(raw.namespace)?;
+    let functions = checker.functions(raw.function, base_dir, &namespaces)?;
+    let uses_default = functions.iter().any(|f| f.namespace == DEFAULT_NAMESPACE);
+    if uses_default && !namespaces.iter().any(|n| n.name == DEFAULT_NAMESPACE) {
+        namespaces.insert(
+            0,
+            NamespaceSpec {
+                name: DEFAULT_NAMESPACE.to_string(),
+                memory_quota_mb: 0,
+            },
+        );
+    }
+    Ok(PlatformFile {
+        namespaces,
+        functions,
+    })
+}
+
+/// Returns the 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// The whole-file checks, with what they need to point at a line.
+struct Checker<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Checker<'_> {
+    fn line(&self, span: Range<usize>) -> usize {
+        line_and_column(self.text, span.start).0
+    }
+
+    fn namespaces(
+        &self,
+        tables: Vec<Spanned<NamespaceSpec>>,
+    ) -> Result<Vec<NamespaceSpec>, ConfigError> {
+        let mut first_lines: HashMap<String, usize> = HashMap::new();
+        let mut namespaces = Vec::with_capacity(tables.len());
+        for (index, table) in tables.into_iter().enumerate() {
+            let line = self.line(table.span());
+            let spec = table.into_inner();
+            validate::namespace(&spec).map_err(|source| ConfigError::Invalid {
+                path: self.path.to_path_buf(),
+                line,
+                section: "[[namespace]]",
+                position: index + 1,
+                name: spec.name.clone(),
+                source,
+            })?;
+            if let Some(&first_line) = first_lines.get(&spec.name) {
+                return Err(ConfigError::DuplicateNamespace {
+                    path: self.path.to_path_buf(),
+                    line,
+                    name: spec.name,
+                    first_line,
+                });
+            }
+            first_lines.insert(spec.name.clone(), line);
+            namespaces.push(spec);
+        }
+        Ok(namespaces)
+    }
+
+    fn functions(
+        &self,
+        tables: Vec<Spanned<FunctionSpec>>,
+        base_dir: &Path,
+        namespaces: &[NamespaceSpec],
+    ) -> Result<Vec<FunctionSpec>, ConfigError> {
+        let mut first_lines: HashMap<(String, String), usize> = HashMap::new();
+        let mut functions = Vec::with_capacity(tables.len());
+        for (index, table) in tables.into_iter().enumerate() {
+            let line = self.line(table.span());
+            let mut spec = table.into_inner();
+            spec.code = absolute_code(spec.code, base_dir);
+            validate::function(&spec).map_err(|source| ConfigError::Invalid {
+                path: self.path.to_path_buf(),
+                line,
+                section: "[[function]]",
+                position: index + 1,
+                name: format!("{}/{}", spec.namespace, spec.name),
+                source,
+            })?;
+            let declared = spec.namespace == DEFAULT_NAMESPACE
+                || namespaces.iter().any(|n| n.name == spec.namespace);
+            if !declared {
+                return Err(ConfigError::UnknownNamespace {
+                    path: self.path.to_path_buf(),
+                    line,
+                    namespace: spec.namespace,
+                    name: spec.name,
+                });
+            }
+            let key = (spec.namespace.clone(), spec.name.clone());
+            if let Some(&first_line) = first_lines.get(&key) {
+                return Err(ConfigError::DuplicateFunction {
+                    path: self.path.to_path_buf(),
+                    line,
+                    namespace: spec.namespace,
+                    name: spec.name,
+                    first_line,
+                });
+            }
+            first_lines.insert(key, line);
+            functions.push(spec);
+        }
+        Ok(functions)
+    }
+}
+
+fn absolute_code(code: CodeSource, base_dir: &Path) -> CodeSource {
+    let absolute = |path: PathBuf| {
+        if path.is_absolute() {
+            path
+        } else {
+            base_dir.join(path)
+        }
+    };
+    match code {
+        CodeSource::Directory(path) => CodeSource::Directory(absolute(path)),
+        CodeSource::ZipFile(path) => CodeSource::ZipFile(absolute(path)),
+    }
+}

@@ -1,0 +1,353 @@
+//! The platform in default mode: the function store, wired to the proxy's routing table and to
+//! one scaler per function. Every change made through the config file or the API goes through
+//! here, one at a time.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use fngate_proxy::{FunctionKey, FunctionKind, FunctionSettings, Router};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::backend::InstanceBackend;
+use crate::error::PlatformError;
+use crate::model::{self, FunctionSpec, NamespaceSpec, LATEST};
+use crate::quota::Quota;
+use crate::scaler::{self, Resolved, ScalerParts};
+
+/// Whether a put created a resource or changed an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+/// A function as stored, with its running instances.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionStatus {
+    pub spec: FunctionSpec,
+    /// Where the code was found or unpacked.
+    pub code_dir: PathBuf,
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// One instance as the scaler sees it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct InstanceStatus {
+    pub id: u64,
+    /// `starting`, `ready`, `draining` or `failed`.
+    pub state: &'static str,
+    pub addr: Option<String>,
+    pub in_flight: u32,
+}
+
+/// Settings of the platform itself.
+#[derive(Debug, Clone)]
+pub struct PlatformConfig {
+    /// Where zip packages are unpacked and instance logs are kept.
+    pub function_dir: PathBuf,
+}
+
+struct FunctionEntry {
+    spec: Arc<FunctionSpec>,
+    code_dir: PathBuf,
+    resolved: watch::Sender<Resolved>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    status: Arc<Mutex<Vec<InstanceStatus>>>,
+}
+
+struct NamespaceEntry {
+    spec: NamespaceSpec,
+    quota: Arc<Quota>,
+    functions: BTreeMap<String, FunctionEntry>,
+}
+
+/// The control plane of one fngate process.
+pub struct Platform {
+    config: PlatformConfig,
+    router: Arc<Router>,
+    backend: Arc<dyn InstanceBackend>,
+    namespaces: Mutex<BTreeMap<String, NamespaceEntry>>,
+    /// Serializes changes, which span awaits (unpacking code, stopping scalers).
+    changes: tokio::sync::Mutex<()>,
+    instance_ids: Arc<AtomicU64>,
+    generations: AtomicU64,
+}
+
+impl Platform {
+    pub fn new(
+        config: PlatformConfig,
+        router: Arc<Router>,
+        backend: Arc<dyn InstanceBackend>,
+    ) -> Self {
+        Platform {
+            config,
+            router,
+            backend,
+            namespaces: Mutex::new(BTreeMap::new()),
+            changes: tokio::sync::Mutex::new(()),
+            instance_ids: Arc::new(AtomicU64::new(1)),
+            generations: AtomicU64::new(1),
+        }
+    }
+
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Creates or changes a namespace.
+    pub async fn put_namespace(&self, spec: NamespaceSpec) -> Result<Applied, PlatformError> {
+        crate::validate::namespace(&spec)?;
+        let _change = self.changes.lock().await;
+        let mut namespaces = self.namespaces.lock();
+        if let Some(entry) = namespaces.get_mut(&spec.name) {
+            if entry.spec == spec {
+                return Ok(Applied::Unchanged);
+            }
+            entry.quota.set_limit(spec.memory_quota_mb);
+            entry.spec = spec;
+            return Ok(Applied::Updated);
+        }
+        tracing::info!(namespace = %spec.name, memory_quota_mb = spec.memory_quota_mb, "namespace created");
+        self.router.add_namespace(&spec.name);
+        namespaces.insert(
+            spec.name.clone(),
+            NamespaceEntry {
+                quota: Arc::new(Quota::new(spec.memory_quota_mb)),
+                spec,
+                functions: BTreeMap::new(),
+            },
+        );
+        Ok(Applied::Created)
+    }
+
+    /// Deletes an empty namespace.
+    pub async fn delete_namespace(&self, name: &str) -> Result<(), PlatformError> {
+        let _change = self.changes.lock().await;
+        let mut namespaces = self.namespaces.lock();
+        let Some(entry) = namespaces.get(name) else {
+            return Err(namespace_not_found(name));
+        };
+        if !entry.functions.is_empty() {
+            return Err(PlatformError::Conflict(format!(
+                "namespace {name:?} still has {} functions; delete them first",
+                entry.functions.len()
+            )));
+        }
+        namespaces.remove(name);
+        self.router.remove_namespace(name);
+        tracing::info!(namespace = %name, "namespace deleted");
+        Ok(())
+    }
+
+    pub fn namespaces(&self) -> Vec<NamespaceSpec> {
+        self.namespaces
+            .lock()
+            .values()
+            .map(|entry| entry.spec.clone())
+            .collect()
+    }
+
+    /// Creates or changes a function. Its code is resolved (a zip unpacked) before anything
+    /// changes, so a bad package leaves the running version untouched.
+    pub async fn put_function(&self, spec: FunctionSpec) -> Result<Applied, PlatformError> {
+        crate::validate::function(&spec)?;
+        let _change = self.changes.lock().await;
+        if !self.namespaces.lock().contains_key(&spec.namespace) {
+            return Err(namespace_not_found(&spec.namespace));
+        }
+        let code_dir = self.resolve_code(&spec).await?;
+        let spec = Arc::new(spec);
+        let key = function_key(&spec);
+        let mut namespaces = self.namespaces.lock();
+        let namespace = namespaces
+            .get_mut(&spec.namespace)
+            .ok_or_else(|| namespace_not_found(&spec.namespace))?;
+
+        if let Some(entry) = namespace.functions.get_mut(&spec.name) {
+            if *entry.spec == *spec && entry.code_dir == code_dir {
+                return Ok(Applied::Unchanged);
+            }
+            let replace = needs_new_instances(&entry.spec, &spec) || entry.code_dir != code_dir;
+            self.router.upsert(key, settings(&spec));
+            let generation = if replace {
+                self.generations
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            } else {
+                entry.resolved.borrow().generation
+            };
+            entry.spec = Arc::clone(&spec);
+            entry.code_dir = code_dir.clone();
+            let _ = entry.resolved.send(Resolved {
+                spec,
+                code_dir,
+                generation,
+            });
+            tracing::info!(function = %entry.spec.name, namespace = %entry.spec.namespace, replace, "function updated");
+            return Ok(Applied::Updated);
+        }
+
+        let function = self.router.upsert(key, settings(&spec));
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (resolved_tx, resolved_rx) = watch::channel(Resolved {
+            spec: Arc::clone(&spec),
+            code_dir: code_dir.clone(),
+            generation,
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let status = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn(scaler::run(ScalerParts {
+            function,
+            backend: Arc::clone(&self.backend),
+            quota: Arc::clone(&namespace.quota),
+            resolved: resolved_rx,
+            stop: stop_rx,
+            status: Arc::clone(&status),
+            instance_ids: Arc::clone(&self.instance_ids),
+        }));
+        tracing::info!(function = %spec.name, namespace = %spec.namespace, kind = ?spec.kind, "function created");
+        namespace.functions.insert(
+            spec.name.clone(),
+            FunctionEntry {
+                spec,
+                code_dir,
+                resolved: resolved_tx,
+                stop: stop_tx,
+                task,
+                status,
+            },
+        );
+        Ok(Applied::Created)
+    }
+
+    async fn resolve_code(&self, spec: &FunctionSpec) -> Result<PathBuf, PlatformError> {
+        let source = spec.code.clone();
+        let function_dir = self.config.function_dir.clone();
+        let (namespace, name) = (spec.namespace.clone(), spec.name.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::code::resolve(&source, &function_dir, &namespace, &name)
+        })
+        .await
+        .map_err(|error| PlatformError::Internal(format!("code resolution task failed: {error}")))?
+    }
+
+    /// Deletes a function: waiting requests fail at once; instances drain and stop in the
+    /// background.
+    pub async fn delete_function(&self, namespace: &str, name: &str) -> Result<(), PlatformError> {
+        let _change = self.changes.lock().await;
+        let entry = {
+            let mut namespaces = self.namespaces.lock();
+            let functions = &mut namespaces
+                .get_mut(namespace)
+                .ok_or_else(|| namespace_not_found(namespace))?
+                .functions;
+            functions
+                .remove(name)
+                .ok_or_else(|| function_not_found(namespace, name))?
+        };
+        self.router.remove(&function_key(&entry.spec));
+        let _ = entry.stop.send(true);
+        tracing::info!(function = %name, %namespace, "function deleted; draining its instances");
+        Ok(())
+    }
+
+    pub fn functions(&self, namespace: &str) -> Result<Vec<FunctionStatus>, PlatformError> {
+        let namespaces = self.namespaces.lock();
+        let entry = namespaces
+            .get(namespace)
+            .ok_or_else(|| namespace_not_found(namespace))?;
+        Ok(entry.functions.values().map(status_of).collect())
+    }
+
+    pub fn function(&self, namespace: &str, name: &str) -> Result<FunctionStatus, PlatformError> {
+        let namespaces = self.namespaces.lock();
+        namespaces
+            .get(namespace)
+            .ok_or_else(|| namespace_not_found(namespace))?
+            .functions
+            .get(name)
+            .map(status_of)
+            .ok_or_else(|| function_not_found(namespace, name))
+    }
+
+    /// Stops every scaler and waits until their instances are gone.
+    pub async fn shutdown(&self) {
+        let _change = self.changes.lock().await;
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut namespaces = self.namespaces.lock();
+            let mut tasks = Vec::new();
+            for namespace in namespaces.values_mut() {
+                for (_, entry) in std::mem::take(&mut namespace.functions) {
+                    let _ = entry.stop.send(true);
+                    tasks.push(entry.task);
+                }
+            }
+            tasks
+        };
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn status_of(entry: &FunctionEntry) -> FunctionStatus {
+    FunctionStatus {
+        spec: FunctionSpec::clone(&entry.spec),
+        code_dir: entry.code_dir.clone(),
+        instances: entry.status.lock().clone(),
+    }
+}
+
+fn namespace_not_found(name: &str) -> PlatformError {
+    PlatformError::NotFound {
+        what: format!("namespace {name:?}"),
+    }
+}
+
+fn function_not_found(namespace: &str, name: &str) -> PlatformError {
+    PlatformError::NotFound {
+        what: format!("function {name:?} in namespace {namespace:?}"),
+    }
+}
+
+fn function_key(spec: &FunctionSpec) -> FunctionKey {
+    FunctionKey {
+        namespace: spec.namespace.clone(),
+        name: spec.name.clone(),
+        qualifier: LATEST.to_owned(),
+    }
+}
+
+/// The proxy's view of a function spec.
+pub fn settings(spec: &FunctionSpec) -> FunctionSettings {
+    FunctionSettings {
+        kind: match spec.kind {
+            model::FunctionKind::Event => FunctionKind::Event,
+            model::FunctionKind::Web => FunctionKind::Web,
+        },
+        memory_mb: spec.memory_mb,
+        timeout: spec.timeout(),
+        queue_budget: spec.queue_budget(),
+        queue_limit: spec.queue_limit as usize,
+        max_body_bytes: spec.max_body_bytes,
+        concurrency: spec.concurrency,
+    }
+}
+
+/// True when running instances cannot serve the new spec and must be replaced.
+fn needs_new_instances(old: &FunctionSpec, new: &FunctionSpec) -> bool {
+    old.kind != new.kind
+        || old.runtime != new.runtime
+        || old.code != new.code
+        || old.env != new.env
+        || old.memory_mb != new.memory_mb
+        || old.start_timeout_ms != new.start_timeout_ms
+}

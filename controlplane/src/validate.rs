@@ -1,0 +1,489 @@
+//! Checks namespace and function specs against the platform's limits before they are stored.
+//!
+//! Both the config file loader and `Platform::put_*` call these checks. They look at one spec at
+//! a time: whether a namespace exists, names are unique or a quota is exceeded is left to the
+//! caller, and so is reading the code package (`code::resolve`).
+
+use std::fmt::Display;
+
+use crate::error::PlatformError;
+use crate::model::{CodeSource, EventRuntime, FunctionKind, FunctionSpec, NamespaceSpec};
+
+/// Maximum length of a namespace or function name, SCF's limit for function names.
+pub const NAME_MAX_LEN: usize = 60;
+/// Smallest instance memory in MB; a smaller limit leaves too little for most language runtimes.
+pub const MEMORY_MB_MIN: u32 = 64;
+/// Largest instance memory in MB (64 GiB); larger values are almost always a unit mistake.
+pub const MEMORY_MB_MAX: u32 = 65_536;
+/// Longest execution timeout in ms: SCF's 900 s maximum for event functions.
+pub const TIMEOUT_MS_MAX: u64 = 900_000;
+/// Most concurrent requests per instance; each one holds a slot and an upstream connection.
+pub const CONCURRENCY_MAX: u32 = 1_000;
+/// Most instances per function, which bounds what one function can take from a node.
+pub const MAX_INSTANCES_MAX: u32 = 1_000;
+/// Shortest keep-warm in ms; shorter values would stop instances between steady requests.
+pub const KEEP_WARM_MS_MIN: u64 = 1_000;
+/// Longest keep-warm in ms (one day); for an always-warm function, set min_instances.
+pub const KEEP_WARM_MS_MAX: u64 = 86_400_000;
+/// Longest queue budget in ms, the same as the longest execution timeout.
+pub const QUEUE_BUDGET_MS_MAX: u64 = 900_000;
+/// Most requests waiting for a slot per function; each one holds a client connection.
+pub const QUEUE_LIMIT_MAX: u32 = 100_000;
+/// Largest request body limit in bytes (64 MiB); the proxy may buffer a body this large.
+pub const MAX_BODY_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Shortest start timeout in ms; even a trivial process takes some time to listen.
+pub const START_TIMEOUT_MS_MIN: u64 = 100;
+/// Longest start timeout in ms (10 minutes), long enough to pull a large image.
+pub const START_TIMEOUT_MS_MAX: u64 = 600_000;
+/// Environment name prefixes the platform sets itself in every instance.
+pub const RESERVED_ENV_PREFIXES: [&str; 2] = ["SCF_", "FNGATE_"];
+/// Environment names the platform sets itself in every instance.
+pub const RESERVED_ENV_NAMES: [&str; 1] = ["PORT"];
+
+/// Checks a namespace spec: only its name has rules.
+pub fn namespace(spec: &NamespaceSpec) -> Result<(), PlatformError> {
+    check_name("name", "namespace", &spec.name)
+}
+
+/// Checks a function spec: names, numeric limits, runtime, environment and code path.
+pub fn function(spec: &FunctionSpec) -> Result<(), PlatformError> {
+    check_name("namespace", "namespace", &spec.namespace)?;
+    check_name("name", "function", &spec.name)?;
+    check_limits(spec)?;
+    check_runtime(spec)?;
+    check_env(spec)?;
+    check_code(&spec.code)
+}
+
+fn check_limits(spec: &FunctionSpec) -> Result<(), PlatformError> {
+    check_range(
+        "memory_mb",
+        spec.memory_mb,
+        MEMORY_MB_MIN,
+        MEMORY_MB_MAX,
+        "MB",
+    )?;
+    check_range("timeout_ms", spec.timeout_ms, 1, TIMEOUT_MS_MAX, "ms")?;
+    check_range("concurrency", spec.concurrency, 1, CONCURRENCY_MAX, "")?;
+    check_range(
+        "max_instances",
+        spec.max_instances,
+        1,
+        MAX_INSTANCES_MAX,
+        "",
+    )?;
+    if spec.min_instances > spec.max_instances {
+        return Err(PlatformError::invalid(
+            "min_instances",
+            format!(
+                "must not exceed max_instances ({}), got {}",
+                spec.max_instances, spec.min_instances
+            ),
+        ));
+    }
+    check_range(
+        "keep_warm_ms",
+        spec.keep_warm_ms,
+        KEEP_WARM_MS_MIN,
+        KEEP_WARM_MS_MAX,
+        "ms",
+    )?;
+    check_range(
+        "queue_budget_ms",
+        spec.queue_budget_ms,
+        1,
+        QUEUE_BUDGET_MS_MAX,
+        "ms",
+    )?;
+    check_range("queue_limit", spec.queue_limit, 1, QUEUE_LIMIT_MAX, "")?;
+    check_range(
+        "max_body_bytes",
+        spec.max_body_bytes,
+        1,
+        MAX_BODY_BYTES_MAX,
+        "bytes",
+    )?;
+    check_range(
+        "start_timeout_ms",
+        spec.start_timeout_ms,
+        START_TIMEOUT_MS_MIN,
+        START_TIMEOUT_MS_MAX,
+        "ms",
+    )
+}
+
+fn check_runtime(spec: &FunctionSpec) -> Result<(), PlatformError> {
+    match spec.kind {
+        FunctionKind::Web if spec.runtime != EventRuntime::default() => {
+            Err(PlatformError::invalid(
+                "runtime",
+                "applies only to event functions; remove it from this web function, which serves \
+                 HTTP itself",
+            ))
+        }
+        FunctionKind::Event if spec.runtime == EventRuntime::Custom && spec.concurrency != 1 => {
+            Err(PlatformError::invalid(
+                "concurrency",
+                format!(
+                    "must be 1 for an event function with runtime = \"custom\", got {}, because \
+                     SCF's custom runtime API hands one invocation at a time to the bootstrap. \
+                     For concurrent invocations, set runtime = \"image\" and let the function's \
+                     server answer POST /event-invoke",
+                    spec.concurrency
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_env(spec: &FunctionSpec) -> Result<(), PlatformError> {
+    for (key, value) in &spec.env {
+        check_env_key(key)?;
+        if value.contains('\0') {
+            return Err(PlatformError::invalid(
+                format!("env.{key}"),
+                "contains a NUL byte, which a process environment cannot carry",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_env_key(key: &str) -> Result<(), PlatformError> {
+    let mut chars = key.chars();
+    let Some(first) = chars.next() else {
+        return Err(PlatformError::invalid(
+            "env",
+            "contains an empty variable name",
+        ));
+    };
+    let well_formed = (first.is_ascii_alphabetic() || first == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !well_formed {
+        return Err(PlatformError::invalid(
+            "env",
+            format!(
+                "variable name {key:?} is invalid: use ASCII letters, digits and '_', and do not \
+                 start with a digit"
+            ),
+        ));
+    }
+    let reserved_prefix = RESERVED_ENV_PREFIXES.iter().find(|p| key.starts_with(*p));
+    if let Some(prefix) = reserved_prefix {
+        return Err(PlatformError::invalid(
+            "env",
+            format!(
+                "variable name {key:?} is reserved: the platform sets the variables starting \
+                 with {prefix}; rename it"
+            ),
+        ));
+    }
+    if RESERVED_ENV_NAMES.contains(&key) {
+        return Err(PlatformError::invalid(
+            "env",
+            format!("variable name {key:?} is reserved: the platform sets it; rename it"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_code(code: &CodeSource) -> Result<(), PlatformError> {
+    let path = match code {
+        CodeSource::Directory(path) | CodeSource::ZipFile(path) => path,
+    };
+    if path.is_absolute() {
+        return Ok(());
+    }
+    Err(PlatformError::invalid(
+        "code",
+        format!(
+            "path {:?} must be absolute; the API takes absolute paths, and the config file \
+             resolves relative ones against its own directory",
+            path.display().to_string()
+        ),
+    ))
+}
+
+/// Checks a namespace or function name; `what` names the kind of name in the message.
+fn check_name(field: &str, what: &str, value: &str) -> Result<(), PlatformError> {
+    let rule = format!(
+        "a {what} name is 1 to {NAME_MAX_LEN} ASCII letters, digits, '-' and '_', starting with a \
+         letter"
+    );
+    let invalid_char = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'));
+    let problem = if value.is_empty() {
+        "is missing or empty".to_string()
+    } else if !value.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        format!("must start with an ASCII letter, got {value:?}")
+    } else if let Some(c) = invalid_char {
+        format!("contains {c:?}, got {value:?}")
+    } else if value.len() > NAME_MAX_LEN {
+        // Only ASCII is left at this point, so bytes and characters agree.
+        format!("is {} characters long, got {value:?}", value.len())
+    } else {
+        return Ok(());
+    };
+    Err(PlatformError::invalid(field, format!("{problem}; {rule}")))
+}
+
+fn check_range<T: PartialOrd + Display>(
+    field: &str,
+    value: T,
+    min: T,
+    max: T,
+    unit: &str,
+) -> Result<(), PlatformError> {
+    if value >= min && value <= max {
+        return Ok(());
+    }
+    let unit = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    };
+    Err(PlatformError::invalid(
+        field,
+        format!("must be between {min} and {max}{unit}, got {value}"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn web() -> FunctionSpec {
+        FunctionSpec {
+            namespace: "default".into(),
+            name: "hello-web".into(),
+            kind: FunctionKind::Web,
+            runtime: EventRuntime::default(),
+            code: CodeSource::Directory(PathBuf::from("/srv/code/hello")),
+            memory_mb: 128,
+            timeout_ms: 3_000,
+            env: Default::default(),
+            concurrency: 4,
+            min_instances: 0,
+            max_instances: 3,
+            keep_warm_ms: 60_000,
+            queue_budget_ms: 10_000,
+            queue_limit: 1_000,
+            max_body_bytes: 6 * 1024 * 1024,
+            start_timeout_ms: 30_000,
+        }
+    }
+
+    fn event(runtime: EventRuntime, concurrency: u32) -> FunctionSpec {
+        FunctionSpec {
+            kind: FunctionKind::Event,
+            runtime,
+            concurrency,
+            ..web()
+        }
+    }
+
+    /// Returns the field the check rejected, panicking with the spec if it passed.
+    fn rejected_field(spec: &FunctionSpec) -> String {
+        match function(spec) {
+            Err(PlatformError::Invalid { field, .. }) => field,
+            other => panic!("expected Invalid, got {other:?} for {spec:?}"),
+        }
+    }
+
+    fn rejected_message(spec: &FunctionSpec) -> String {
+        match function(spec) {
+            Err(PlatformError::Invalid { message, .. }) => message,
+            other => panic!("expected Invalid, got {other:?} for {spec:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_specs_pass() {
+        assert!(function(&web()).is_ok());
+        assert!(function(&event(EventRuntime::Custom, 1)).is_ok());
+        assert!(function(&event(EventRuntime::Image, 100)).is_ok());
+        let ns = NamespaceSpec {
+            name: "default".into(),
+            memory_quota_mb: 0,
+        };
+        assert!(namespace(&ns).is_ok());
+    }
+
+    #[test]
+    fn names_follow_scf_rule() {
+        let accepted = ["a", "hello-web", "A_1-b", &"x".repeat(NAME_MAX_LEN)];
+        for name in accepted {
+            let spec = FunctionSpec {
+                name: name.to_string(),
+                ..web()
+            };
+            assert!(function(&spec).is_ok(), "{name:?} should be accepted");
+            let ns = NamespaceSpec {
+                name: name.to_string(),
+                memory_quota_mb: 0,
+            };
+            assert!(
+                namespace(&ns).is_ok(),
+                "namespace {name:?} should be accepted"
+            );
+        }
+        let too_long = "x".repeat(NAME_MAX_LEN + 1);
+        let rejected = [
+            "", "1abc", "-abc", "_abc", "a.b", "a/b", "a b", "é", "..", &too_long,
+        ];
+        for name in rejected {
+            let spec = FunctionSpec {
+                name: name.to_string(),
+                ..web()
+            };
+            assert_eq!(rejected_field(&spec), "name", "{name:?} should be rejected");
+            let spec = FunctionSpec {
+                namespace: name.to_string(),
+                ..web()
+            };
+            assert_eq!(rejected_field(&spec), "namespace", "namespace {name:?}");
+            let ns = NamespaceSpec {
+                name: name.to_string(),
+                memory_quota_mb: 0,
+            };
+            assert!(
+                namespace(&ns).is_err(),
+                "namespace spec {name:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn name_message_gives_rule_and_value() {
+        let spec = FunctionSpec {
+            name: "9lives".into(),
+            ..web()
+        };
+        let message = rejected_message(&spec);
+        assert!(message.contains("\"9lives\""), "{message}");
+        assert!(message.contains("1 to 60"), "{message}");
+    }
+
+    #[test]
+    fn numeric_limits_at_both_ends() {
+        type Set = fn(&mut FunctionSpec, u64);
+        let cases: [(&str, u64, u64, Set); 9] = [
+            ("memory_mb", 64, 65_536, |s, v| s.memory_mb = v as u32),
+            ("timeout_ms", 1, 900_000, |s, v| s.timeout_ms = v),
+            ("concurrency", 1, 1_000, |s, v| s.concurrency = v as u32),
+            ("max_instances", 1, 1_000, |s, v| s.max_instances = v as u32),
+            ("keep_warm_ms", 1_000, 86_400_000, |s, v| s.keep_warm_ms = v),
+            ("queue_budget_ms", 1, 900_000, |s, v| s.queue_budget_ms = v),
+            ("queue_limit", 1, 100_000, |s, v| s.queue_limit = v as u32),
+            ("max_body_bytes", 1, 64 << 20, |s, v| s.max_body_bytes = v),
+            ("start_timeout_ms", 100, 600_000, |s, v| {
+                s.start_timeout_ms = v
+            }),
+        ];
+        for (field, min, max, set) in cases {
+            for ok in [min, max] {
+                let mut spec = web();
+                set(&mut spec, ok);
+                assert!(function(&spec).is_ok(), "{field} = {ok} should be accepted");
+            }
+            for bad in [min - 1, max + 1] {
+                let mut spec = web();
+                set(&mut spec, bad);
+                assert_eq!(rejected_field(&spec), field, "{field} = {bad}");
+                let message = rejected_message(&spec);
+                assert!(message.contains(&format!("got {bad}")), "{message}");
+                assert!(
+                    message.contains(&format!("between {min} and {max}")),
+                    "{message}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn min_instances_above_max_rejected() {
+        let spec = FunctionSpec {
+            min_instances: 3,
+            max_instances: 3,
+            ..web()
+        };
+        assert!(function(&spec).is_ok());
+        let spec = FunctionSpec {
+            min_instances: 4,
+            max_instances: 3,
+            ..web()
+        };
+        assert_eq!(rejected_field(&spec), "min_instances");
+    }
+
+    #[test]
+    fn custom_event_requires_concurrency_one() {
+        let spec = event(EventRuntime::Custom, 2);
+        assert_eq!(rejected_field(&spec), "concurrency");
+        let message = rejected_message(&spec);
+        assert!(message.contains("runtime = \"image\""), "{message}");
+        assert!(message.contains("got 2"), "{message}");
+    }
+
+    #[test]
+    fn web_with_runtime_rejected() {
+        let spec = FunctionSpec {
+            runtime: EventRuntime::Image,
+            ..web()
+        };
+        assert_eq!(rejected_field(&spec), "runtime");
+    }
+
+    #[test]
+    fn env_keys_checked() {
+        let accepted = ["GREETING", "_x", "a1_B"];
+        for key in accepted {
+            let mut spec = web();
+            spec.env.insert(key.into(), "v".into());
+            assert!(
+                function(&spec).is_ok(),
+                "env key {key:?} should be accepted"
+            );
+        }
+        let rejected = ["", "1A", "A-B", "A B", "SCF_REGION", "FNGATE_X", "PORT"];
+        for key in rejected {
+            let mut spec = web();
+            spec.env.insert(key.into(), "v".into());
+            assert_eq!(
+                rejected_field(&spec),
+                "env",
+                "env key {key:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn env_value_with_nul_rejected() {
+        let mut spec = web();
+        spec.env.insert("GREETING".into(), "a\0b".into());
+        assert_eq!(rejected_field(&spec), "env.GREETING");
+    }
+
+    #[test]
+    fn relative_code_path_rejected() {
+        let spec = FunctionSpec {
+            code: CodeSource::Directory("code".into()),
+            ..web()
+        };
+        assert_eq!(rejected_field(&spec), "code");
+        let spec = FunctionSpec {
+            code: CodeSource::ZipFile("a.zip".into()),
+            ..web()
+        };
+        assert_eq!(rejected_field(&spec), "code");
+        let spec = FunctionSpec {
+            code: CodeSource::ZipFile("/a.zip".into()),
+            ..web()
+        };
+        assert!(function(&spec).is_ok());
+    }
+}
