@@ -140,11 +140,7 @@ impl Scaler {
         self.retire_failed();
 
         let demand = self.parts.function.pool.demand();
-        let concurrency = spec.concurrency.max(1) as usize;
-        let desired = demand
-            .total()
-            .div_ceil(concurrency)
-            .clamp(spec.min_instances as usize, spec.max_instances as usize);
+        let desired = desired_instances(demand.total(), spec);
         let current = self.ready.len() + self.starting.len();
         let backing_off = self.retry_at.is_some_and(|at| Instant::now() < at);
         if desired > current && !backing_off {
@@ -460,6 +456,15 @@ impl Scaler {
     }
 }
 
+/// Instances needed for `demand` requests (in flight plus queued): one per `concurrency`
+/// requests, rounded up, within the function's min and max instances.
+pub fn desired_instances(demand: usize, spec: &FunctionSpec) -> usize {
+    let concurrency = spec.concurrency.max(1) as usize;
+    let min = spec.min_instances as usize;
+    let max = (spec.max_instances as usize).max(min);
+    demand.div_ceil(concurrency).clamp(min, max)
+}
+
 /// Delay before the next start after `failures` consecutive failed starts.
 fn backoff(failures: u32) -> Duration {
     let exponent = failures.saturating_sub(1).min(16);
@@ -469,6 +474,44 @@ fn backoff(failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn spec(concurrency: u32, min: u32, max: u32) -> FunctionSpec {
+        let toml = format!(
+            "namespace = \"default\"\nname = \"f\"\nkind = \"web\"\ncode = {{ directory = \"/srv\" }}\nconcurrency = {concurrency}\nmin_instances = {min}\nmax_instances = {max}\n"
+        );
+        toml::from_str(&toml).unwrap()
+    }
+
+    #[test]
+    fn desired_rounds_up_and_clamps() {
+        assert_eq!(desired_instances(0, &spec(1, 0, 10)), 0);
+        assert_eq!(desired_instances(10, &spec(1, 0, 2)), 2);
+        assert_eq!(desired_instances(5, &spec(4, 0, 10)), 2);
+        assert_eq!(desired_instances(0, &spec(4, 3, 10)), 3);
+    }
+
+    proptest! {
+        /// Enough slots for the demand unless max caps it, never more instances than needed
+        /// beyond min, and always within [min, max].
+        #[test]
+        fn desired_covers_demand_within_bounds(
+            demand in 0usize..10_000,
+            concurrency in 1u32..64,
+            min in 0u32..20,
+            extra in 0u32..50,
+        ) {
+            let max = min + extra.max(1);
+            let desired = desired_instances(demand, &spec(concurrency, min, max));
+            prop_assert!(desired >= min as usize && desired <= max as usize);
+            if desired < max as usize {
+                prop_assert!(desired * concurrency as usize >= demand);
+            }
+            if desired > min as usize {
+                prop_assert!((desired - 1) * (concurrency as usize) < demand);
+            }
+        }
+    }
 
     #[test]
     fn backoff_doubles_up_to_max() {
