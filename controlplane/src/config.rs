@@ -31,8 +31,8 @@ pub struct PlatformFile {
     pub functions: Vec<FunctionSpec>,
 }
 
-/// Why a platform file could not be loaded. Every variant carries the file's path; `line` is
-/// the 1-based line of the table at fault.
+/// Error from loading a platform file. Every variant carries the file's path, and `line` is the
+/// 1-based line of the table at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {}: {source}", path.display())]
@@ -46,17 +46,17 @@ pub enum ConfigError {
         message: String,
     },
     /// A spec breaks a rule of `validate`; `position` counts the section's tables from 1.
-    #[error("{}:{line}: {section} number {position} ({name}): {source}", path.display())]
+    #[error("{}: line {line}: {section} number {position} ({name}): {source}", path.display())]
     Invalid {
         path: PathBuf,
         line: usize,
         section: &'static str,
         position: usize,
         name: String,
-        source: PlatformError,
+        source: Box<PlatformError>,
     },
     #[error(
-        "{}:{line}: namespace {name:?} is declared twice (first at line {first_line}); merge the \
+        "{}: line {line}: namespace {name:?} is declared twice (first at line {first_line}); merge the \
          two [[namespace]] tables",
         path.display()
     )]
@@ -67,7 +67,7 @@ pub enum ConfigError {
         first_line: usize,
     },
     #[error(
-        "{}:{line}: function {namespace}/{name} is declared twice (first at line {first_line}); \
+        "{}: line {line}: function {namespace}/{name} is declared twice (first at line {first_line}); \
          merge the two [[function]] tables",
         path.display()
     )]
@@ -79,7 +79,7 @@ pub enum ConfigError {
         first_line: usize,
     },
     #[error(
-        "{}:{line}: function {name} is in namespace {namespace:?}, which the file does not \
+        "{}: line {line}: function {name} is in namespace {namespace:?}, which the file does not \
          declare; add a [[namespace]] table named {namespace:?}, or use \"default\"",
         path.display()
     )]
@@ -143,7 +143,7 @@ fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<PlatformFile, Confi
             path: path.to_path_buf(),
             line,
             column,
-            message: e.message().trim_end().to_string(),
+            message: e.message().trim_end().replace('\n', "; "),
         }
     })?;
     let checker = Checker { text, path };
@@ -200,7 +200,7 @@ impl Checker<'_> {
                 section: "[[namespace]]",
                 position: index + 1,
                 name: spec.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
             if let Some(&first_line) = first_lines.get(&spec.name) {
                 return Err(ConfigError::DuplicateNamespace {
@@ -233,8 +233,8 @@ impl Checker<'_> {
                 line,
                 section: "[[function]]",
                 position: index + 1,
-                name: format!("{}/{}", spec.namespace, spec.name),
-                source,
+                name: qualified_name(&spec),
+                source: Box::new(source),
             })?;
             let declared = spec.namespace == DEFAULT_NAMESPACE
                 || namespaces.iter().any(|n| n.name == spec.namespace);
@@ -260,6 +260,16 @@ impl Checker<'_> {
             functions.push(spec);
         }
         Ok(functions)
+    }
+}
+
+/// Names a function as `namespace/name` in messages, or by its name alone if the namespace is
+/// missing.
+fn qualified_name(spec: &FunctionSpec) -> String {
+    if spec.namespace.is_empty() {
+        format!("{:?}", spec.name)
+    } else {
+        format!("{}/{}", spec.namespace, spec.name)
     }
 }
 

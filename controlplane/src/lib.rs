@@ -1,6 +1,7 @@
 //! fngate's control plane: the function and namespace store with its HTTP API, the scaler, and
 //! the instance backends (local processes in default mode).
 
+pub mod api;
 pub mod backend;
 pub mod code;
 pub mod config;

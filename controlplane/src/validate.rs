@@ -15,25 +15,25 @@ pub const NAME_MAX_LEN: usize = 60;
 pub const MEMORY_MB_MIN: u32 = 64;
 /// Largest instance memory in MB (64 GiB); larger values are almost always a unit mistake.
 pub const MEMORY_MB_MAX: u32 = 65_536;
-/// Longest execution timeout in ms: SCF's 900 s maximum for event functions.
+/// Maximum execution timeout in ms, SCF's 900 s maximum for event functions.
 pub const TIMEOUT_MS_MAX: u64 = 900_000;
-/// Most concurrent requests per instance; each one holds a slot and an upstream connection.
+/// Maximum concurrent requests per instance, because each uses a slot and an upstream connection.
 pub const CONCURRENCY_MAX: u32 = 1_000;
-/// Most instances per function, which bounds what one function can take from a node.
+/// Maximum instances per function, which bounds what one function can take from a node.
 pub const MAX_INSTANCES_MAX: u32 = 1_000;
 /// Shortest keep-warm in ms; shorter values would stop instances between steady requests.
 pub const KEEP_WARM_MS_MIN: u64 = 1_000;
-/// Longest keep-warm in ms (one day); for an always-warm function, set min_instances.
+/// Maximum keep-warm in ms (one day). For an always-warm function, set min_instances.
 pub const KEEP_WARM_MS_MAX: u64 = 86_400_000;
-/// Longest queue budget in ms, the same as the longest execution timeout.
+/// Maximum queue budget in ms, the same as the maximum execution timeout.
 pub const QUEUE_BUDGET_MS_MAX: u64 = 900_000;
-/// Most requests waiting for a slot per function; each one holds a client connection.
+/// Maximum requests waiting for a slot per function, because each keeps a client connection open.
 pub const QUEUE_LIMIT_MAX: u32 = 100_000;
 /// Largest request body limit in bytes (64 MiB); the proxy may buffer a body this large.
 pub const MAX_BODY_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Shortest start timeout in ms; even a trivial process takes some time to listen.
 pub const START_TIMEOUT_MS_MIN: u64 = 100;
-/// Longest start timeout in ms (10 minutes), long enough to pull a large image.
+/// Maximum start timeout in ms (10 minutes), long enough to pull a large image.
 pub const START_TIMEOUT_MS_MAX: u64 = 600_000;
 /// Environment name prefixes the platform sets itself in every instance.
 pub const RESERVED_ENV_PREFIXES: [&str; 2] = ["SCF_", "FNGATE_"];

@@ -214,12 +214,12 @@ concurrency = 5
     assert_eq!(*line, 8);
     assert_eq!(name, "default/busy");
     assert!(
-        matches!(source, PlatformError::Invalid { field, .. } if field == "concurrency"),
+        matches!(source.as_ref(), PlatformError::Invalid { field, .. } if field == "concurrency"),
         "{source:?}"
     );
     let message = error.to_string();
     assert!(
-        message.contains("fngate.toml:8: [[function]] number 2"),
+        message.contains("fngate.toml: line 8: [[function]] number 2"),
         "{message}"
     );
 }
@@ -231,7 +231,7 @@ fn missing_name_rejected() {
         panic!("expected Invalid, got {error:?}");
     };
     assert!(
-        matches!(source, PlatformError::Invalid { field, .. } if field == "namespace"),
+        matches!(source.as_ref(), PlatformError::Invalid { field, .. } if field == "namespace"),
         "{source:?}"
     );
     assert!(error.to_string().contains("missing"), "{error}");
@@ -333,5 +333,22 @@ fn error_names_file() {
             .starts_with(&expected.display().to_string()),
         "{error}"
     );
-    let _: &Path = dir.path();
+}
+
+#[test]
+fn shipped_example_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fngate.toml");
+    let file = load(&path).unwrap();
+    assert!(!file.functions.is_empty());
+    for function in &file.functions {
+        let CodeSource::Directory(dir) = &function.code else {
+            panic!("{}: expected a directory source", function.name);
+        };
+        assert!(
+            dir.is_dir(),
+            "{}: {} is not a directory",
+            function.name,
+            dir.display()
+        );
+    }
 }

@@ -1,0 +1,381 @@
+//! Resolving code sources: directories, zip archives and the archives that must be rejected.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, SystemTime};
+
+use zip::write::SimpleFileOptions;
+use zip::{ZipArchive, ZipWriter};
+
+use super::unzip::{write_file, Limits};
+use super::*;
+
+/// One archive entry for `write_zip`.
+enum Entry<'a> {
+    File(&'a str, u32, &'a [u8]),
+    Dir(&'a str),
+    Symlink(&'a str, &'a str),
+}
+
+fn write_zip(path: &Path, entries: &[Entry<'_>]) {
+    let mut zip = ZipWriter::new(File::create(path).unwrap());
+    for entry in entries {
+        match entry {
+            Entry::File(name, mode, data) => {
+                let options = SimpleFileOptions::default().unix_permissions(*mode);
+                zip.start_file(*name, options).unwrap();
+                zip.write_all(data).unwrap();
+            }
+            Entry::Dir(name) => zip
+                .add_directory(*name, SimpleFileOptions::default())
+                .unwrap(),
+            Entry::Symlink(name, target) => zip
+                .add_symlink(*name, *target, SimpleFileOptions::default())
+                .unwrap(),
+        }
+    }
+    zip.finish().unwrap();
+}
+
+fn resolve_zip_file(archive: &Path, function_dir: &Path) -> Result<PathBuf, PlatformError> {
+    let source = CodeSource::ZipFile(archive.to_path_buf());
+    resolve(&source, function_dir, "default", "hello")
+}
+
+fn code_message(result: Result<PathBuf, PlatformError>) -> String {
+    match result {
+        Err(PlatformError::Code { message, .. }) => message,
+        other => panic!("expected a Code error, got {other:?}"),
+    }
+}
+
+/// Returns the permission bits in octal, as `ls` and `chmod` show them.
+fn mode_of(path: &Path) -> String {
+    format!(
+        "{:o}",
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    )
+}
+
+/// Lists the names in the function's `code` directory: the unpacked versions and any
+/// staging directory left behind.
+fn versions(function_dir: &Path) -> Vec<String> {
+    let dir = function_dir.join("default/hello/code");
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn directory_source_canonicalized() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::create_dir(tmp.path().join("app")).unwrap();
+    let source = CodeSource::Directory(tmp.path().join("./app/../app"));
+    let dir = resolve(&source, tmp.path(), "default", "hello").unwrap();
+    assert_eq!(dir, fs::canonicalize(tmp.path().join("app")).unwrap());
+}
+
+#[test]
+fn directory_source_missing_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = CodeSource::Directory(tmp.path().join("missing"));
+    let message = code_message(resolve(&source, tmp.path(), "default", "hello"));
+    assert!(message.contains("not found"), "{message}");
+}
+
+#[test]
+fn directory_source_file_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("app.zip"), b"x").unwrap();
+    let source = CodeSource::Directory(tmp.path().join("app.zip"));
+    let message = code_message(resolve(&source, tmp.path(), "default", "hello"));
+    assert!(message.contains("not a directory"), "{message}");
+}
+
+#[test]
+fn zip_unpacked_with_modes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip(
+        &archive,
+        &[
+            Entry::File("scf_bootstrap", 0o755, b"#!/bin/sh\n"),
+            Entry::Dir("lib/"),
+            Entry::File("lib/data.txt", 0o640, b"data"),
+            Entry::File("bootstrap", 0o644, b"#!/bin/sh\n"),
+            Entry::File("sub/bootstrap", 0o644, b"not run"),
+            Entry::File("setuid", 0o4755, b"x"),
+        ],
+    );
+    let function_dir = tmp.path().join("functions");
+    let dir = resolve_zip_file(&archive, &function_dir).unwrap();
+
+    let version = versions(&function_dir);
+    assert_eq!(version.len(), 1, "{version:?}");
+    assert_eq!(version[0].len(), VERSION_HEX_LEN);
+    let expected = function_dir.join("default/hello/code").join(&version[0]);
+    assert_eq!(dir, fs::canonicalize(expected).unwrap());
+    assert_eq!(fs::read(dir.join("lib/data.txt")).unwrap(), b"data");
+    assert_eq!(mode_of(&dir.join("scf_bootstrap")), "755");
+    assert_eq!(mode_of(&dir.join("lib/data.txt")), "640");
+    assert_eq!(
+        mode_of(&dir.join("bootstrap")),
+        "755",
+        "root bootstrap made executable"
+    );
+    assert_eq!(
+        mode_of(&dir.join("sub/bootstrap")),
+        "644",
+        "only the root one"
+    );
+    assert_eq!(mode_of(&dir.join("setuid")), "755", "setuid bit dropped");
+}
+
+#[test]
+fn same_zip_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip(&archive, &[Entry::File("scf_bootstrap", 0o755, b"v1")]);
+    let function_dir = tmp.path().join("functions");
+    let first = resolve_zip_file(&archive, &function_dir).unwrap();
+
+    // Unpacking again would create and rename a staging directory in `code`, which moves
+    // its mtime away from this past value.
+    let code_dir = function_dir.join("default/hello/code");
+    let past = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    File::open(&code_dir).unwrap().set_modified(past).unwrap();
+    let second = resolve_zip_file(&archive, &function_dir).unwrap();
+    assert_eq!(first, second);
+    assert_eq!(fs::metadata(&code_dir).unwrap().modified().unwrap(), past);
+
+    write_zip(&archive, &[Entry::File("scf_bootstrap", 0o755, b"v2")]);
+    let third = resolve_zip_file(&archive, &function_dir).unwrap();
+    assert_ne!(first, third, "new content gets a new version");
+    assert_eq!(fs::read(third.join("scf_bootstrap")).unwrap(), b"v2");
+    assert_eq!(fs::read(first.join("scf_bootstrap")).unwrap(), b"v1");
+}
+
+#[test]
+fn concurrent_resolves_share_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    let payload = vec![7u8; 256 * 1024];
+    write_zip(&archive, &[Entry::File("data", 0o644, &payload)]);
+    let function_dir = tmp.path().join("functions");
+    let barrier = std::sync::Barrier::new(4);
+
+    let dirs: Vec<PathBuf> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    resolve_zip_file(&archive, &function_dir).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(dirs.iter().all(|d| *d == dirs[0]), "{dirs:?}");
+    assert_eq!(
+        versions(&function_dir).len(),
+        1,
+        "no staging directory left behind"
+    );
+    assert_eq!(fs::read(dirs[0].join("data")).unwrap(), payload);
+}
+
+#[test]
+fn zip_slip_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip(
+        &archive,
+        &[
+            Entry::File("ok.txt", 0o644, b"ok"),
+            Entry::File("../evil", 0o644, b"evil"),
+        ],
+    );
+    let function_dir = tmp.path().join("functions");
+    let message = code_message(resolve_zip_file(&archive, &function_dir));
+    assert!(message.contains("\"../evil\""), "{message}");
+    assert!(message.contains("outside the archive root"), "{message}");
+    assert!(
+        versions(&function_dir).is_empty(),
+        "staging directory removed"
+    );
+    let code_dir = function_dir.join("default/hello/code");
+    assert!(!code_dir.join("../evil").exists());
+    assert!(!code_dir.join("evil").exists());
+}
+
+#[test]
+fn inner_parent_dir_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip(&archive, &[Entry::File("a/../b.txt", 0o644, b"b")]);
+    let dir = resolve_zip_file(&archive, &tmp.path().join("functions")).unwrap();
+    assert_eq!(fs::read(dir.join("b.txt")).unwrap(), b"b");
+}
+
+#[test]
+fn symlinks_inside_root_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip(
+        &archive,
+        &[
+            Entry::File("pkg/bin/tool", 0o755, b"tool"),
+            Entry::Symlink("bin/tool", "../pkg/bin/tool"),
+        ],
+    );
+    let dir = resolve_zip_file(&archive, &tmp.path().join("functions")).unwrap();
+    let link = dir.join("bin/tool");
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(fs::read(link).unwrap(), b"tool");
+}
+
+#[test]
+fn escaping_symlinks_rejected() {
+    let cases: [&[Entry<'_>]; 4] = [
+        &[Entry::Symlink("etc", "/etc")],
+        &[Entry::Symlink("up", "../..")],
+        &[Entry::Symlink("a/up", "../../x")],
+        // `d` is the root itself, so `d/..` is the root's parent though it reads as the root.
+        &[Entry::Symlink("d", "."), Entry::Symlink("l", "d/..")],
+    ];
+    for entries in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let archive = tmp.path().join("app.zip");
+        write_zip(&archive, entries);
+        let function_dir = tmp.path().join("functions");
+        let message = code_message(resolve_zip_file(&archive, &function_dir));
+        assert!(message.contains("symlink"), "{message}");
+        assert!(
+            versions(&function_dir).is_empty(),
+            "staging directory removed"
+        );
+    }
+}
+
+#[test]
+fn symlink_below_symlink_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip(
+        &archive,
+        &[Entry::Symlink("d", "."), Entry::Symlink("d/l", "..")],
+    );
+    let message = code_message(resolve_zip_file(&archive, &tmp.path().join("functions")));
+    assert!(
+        message.contains("passes through another symlink"),
+        "{message}"
+    );
+}
+
+#[test]
+fn corrupt_zip_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    fs::write(&archive, b"this is not a zip archive").unwrap();
+    let function_dir = tmp.path().join("functions");
+    let message = code_message(resolve_zip_file(&archive, &function_dir));
+    assert!(message.contains("not a valid zip archive"), "{message}");
+}
+
+#[test]
+fn corrupt_entry_data_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    let payload = b"0123456789".repeat(1000);
+    write_zip(&archive, &[Entry::File("data", 0o644, &payload)]);
+    // Flip bytes in the middle of the compressed data. The central directory at the end stays
+    // intact, so the archive opens and only reading the entry fails.
+    let mut bytes = fs::read(&archive).unwrap();
+    let middle = bytes.len() / 4;
+    for byte in &mut bytes[middle..middle + 8] {
+        *byte ^= 0xff;
+    }
+    fs::write(&archive, bytes).unwrap();
+    let function_dir = tmp.path().join("functions");
+    let message = code_message(resolve_zip_file(&archive, &function_dir));
+    assert!(message.contains("\"data\""), "{message}");
+    assert!(
+        versions(&function_dir).is_empty(),
+        "staging directory removed"
+    );
+}
+
+#[test]
+fn archive_limits_enforced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip(
+        &archive,
+        &[
+            Entry::File("a", 0o644, &[0u8; 600]),
+            Entry::File("b", 0o644, &[0u8; 600]),
+        ],
+    );
+    let function_dir = tmp.path().join("functions");
+    let resolve_with = |limits| resolve_zip(&archive, &function_dir, "default", "hello", limits);
+
+    let small = Limits {
+        max_bytes: 1_000,
+        max_entries: 10,
+    };
+    let message = code_message(resolve_with(small));
+    assert!(
+        message.contains("more than the limit of 1000 bytes"),
+        "{message}"
+    );
+    let few = Limits {
+        max_bytes: 10_000,
+        max_entries: 1,
+    };
+    let message = code_message(resolve_with(few));
+    assert!(message.contains("more than the limit of 1"), "{message}");
+    assert!(resolve_with(Limits {
+        max_bytes: 1_200,
+        max_entries: 2
+    })
+    .is_ok());
+}
+
+#[test]
+fn write_budget_counts_real_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip(&archive, &[Entry::File("a", 0o644, &[0u8; 600])]);
+    let mut zip = ZipArchive::new(File::open(&archive).unwrap()).unwrap();
+    let mut entry = zip.by_index(0).unwrap();
+    let limits = Limits {
+        max_bytes: 599,
+        max_entries: 1,
+    };
+    let error = write_file(&mut entry, &tmp.path().join("out"), 599, limits).unwrap_err();
+    assert!(
+        error.contains("more than the limit of 599 bytes"),
+        "{error}"
+    );
+}
+
+#[test]
+fn bad_function_name_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip(&archive, &[Entry::File("a", 0o644, b"a")]);
+    let source = CodeSource::ZipFile(archive);
+    for name in ["..", "a/b", ""] {
+        let result = resolve(&source, tmp.path(), "default", name);
+        assert!(
+            matches!(result, Err(PlatformError::Internal(_))),
+            "{name:?}: {result:?}"
+        );
+    }
+}
