@@ -1,1 +1,257 @@
-fn main() {}
+//! The `fngate` command: runs the platform in default mode (proxy, control plane and local
+//! instances in one process).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use fngate_controlplane::config;
+use fngate_controlplane::local::{LocalBackend, LocalBackendConfig};
+use fngate_controlplane::model::{FunctionKind, NamespaceSpec};
+use fngate_controlplane::platform::{Platform, PlatformConfig};
+use fngate_proxy::admin::Admin;
+use fngate_proxy::{server, Proxy, Router};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(
+    name = "fngate",
+    version,
+    about = "Self-hosted serverless function platform"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the platform in default mode: proxy, control plane and local instances.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Platform file declaring namespaces and functions to deploy at start (TOML).
+    #[arg(long, env = "FNGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the support service port, where clients invoke functions.
+    #[arg(long, env = "FNGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Address of the admin listener (/metrics, /healthz, /readyz).
+    #[arg(long, env = "FNGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
+    admin_listen: SocketAddr,
+    /// Address of the control-plane API.
+    #[arg(long, env = "FNGATE_API_LISTEN", default_value = "127.0.0.1:8082")]
+    api_listen: SocketAddr,
+    /// Directory for unpacked code packages and instance logs.
+    #[arg(long, env = "FNGATE_FUNCTION_DIR", default_value = "fngate-data")]
+    function_dir: PathBuf,
+    /// Path of the fngate-runtime wrapper; defaults to the one beside this binary.
+    #[arg(long, env = "FNGATE_RUNTIME_WRAPPER")]
+    runtime_wrapper: Option<PathBuf>,
+    /// Address local instances listen on.
+    #[arg(long, env = "FNGATE_INSTANCE_IP", default_value = "127.0.0.1")]
+    instance_ip: IpAddr,
+    /// How long in-flight requests may run after SIGTERM before connections are closed, in ms.
+    #[arg(long, env = "FNGATE_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
+    shutdown_grace_ms: u64,
+    /// Log filter, in tracing's env-filter syntax (for example `info` or `fngate_proxy=debug`).
+    #[arg(long, env = "FNGATE_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing(&args.log)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("failed to start the tokio runtime")?;
+            runtime.block_on(serve(args))
+        }
+    }
+}
+
+fn init_tracing(filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("invalid --log filter {filter:?}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    server::bind(addr).with_context(|| format!("failed to bind {flag} {addr}"))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let metrics = fngate_proxy::metrics::install_recorder();
+    let proxy_listener = bind(args.listen, "--listen").await?;
+    let admin_listener = bind(args.admin_listen, "--admin-listen").await?;
+    let api_listener = bind(args.api_listen, "--api-listen").await?;
+
+    std::fs::create_dir_all(&args.function_dir).with_context(|| {
+        format!(
+            "failed to create --function-dir {}",
+            args.function_dir.display()
+        )
+    })?;
+    let function_dir = args.function_dir.canonicalize()?;
+    let runtime_wrapper = match args.runtime_wrapper {
+        Some(path) => path,
+        None => default_runtime_wrapper()?,
+    };
+
+    let router = Arc::new(Router::new());
+    let proxy = Arc::new(Proxy::new(Arc::clone(&router)));
+    let backend = LocalBackend::new(LocalBackendConfig {
+        function_dir: function_dir.clone(),
+        runtime_wrapper,
+        bind_ip: args.instance_ip,
+    });
+    let platform = Arc::new(Platform::new(
+        PlatformConfig { function_dir },
+        Arc::clone(&router),
+        Arc::new(backend),
+    ));
+    let deployed = deploy_config(&platform, args.config.as_deref()).await?;
+    router.mark_synced();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let api_addr = api_listener.local_addr()?;
+    let grace = Duration::from_millis(args.shutdown_grace_ms);
+    let proxy_task = tokio::spawn(server::serve_proxy(
+        proxy_listener,
+        Arc::clone(&proxy),
+        stopped(stop_rx.clone()),
+        grace,
+    ));
+    tokio::spawn(server::serve_admin(
+        admin_listener,
+        Admin {
+            proxy,
+            metrics: metrics.clone(),
+        },
+        stopped(stop_rx.clone()),
+    ));
+    tokio::spawn(fngate_controlplane::api::serve(
+        api_listener,
+        Arc::clone(&platform),
+        stopped(stop_rx.clone()),
+    ));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            metrics.run_upkeep();
+        }
+    });
+
+    print_banner(proxy_addr, admin_addr, api_addr, &deployed);
+    wait_for_signal().await?;
+    tracing::info!("shutting down: draining connections, then stopping instances");
+    let _ = stop_tx.send(true);
+    let _ = proxy_task.await;
+    platform.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Applies the platform file, or creates the `default` namespace when there is none.
+async fn deploy_config(
+    platform: &Platform,
+    path: Option<&Path>,
+) -> anyhow::Result<Vec<(String, String, FunctionKind)>> {
+    let default_namespace = NamespaceSpec {
+        name: "default".to_owned(),
+        memory_quota_mb: 0,
+    };
+    let Some(path) = path else {
+        platform.put_namespace(default_namespace).await?;
+        return Ok(Vec::new());
+    };
+    let file = config::load(path)?;
+    if !file.namespaces.iter().any(|n| n.name == "default") {
+        platform.put_namespace(default_namespace).await?;
+    }
+    for namespace in file.namespaces {
+        let name = namespace.name.clone();
+        platform
+            .put_namespace(namespace)
+            .await
+            .with_context(|| format!("{}: namespace {name:?}", path.display()))?;
+    }
+    let mut deployed = Vec::new();
+    for function in file.functions {
+        let entry = (
+            function.namespace.clone(),
+            function.name.clone(),
+            function.kind,
+        );
+        platform
+            .put_function(function)
+            .await
+            .with_context(|| format!("{}: function {}/{}", path.display(), entry.0, entry.1))?;
+        deployed.push(entry);
+    }
+    Ok(deployed)
+}
+
+fn default_runtime_wrapper() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("failed to locate the fngate binary")?;
+    let wrapper = exe.with_file_name("fngate-runtime");
+    if !wrapper.is_file() {
+        bail!(
+            "runtime wrapper not found at {}; build it with `cargo build --locked` or pass --runtime-wrapper",
+            wrapper.display()
+        );
+    }
+    Ok(wrapper)
+}
+
+fn print_banner(
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    api: SocketAddr,
+    deployed: &[(String, String, FunctionKind)],
+) {
+    println!("fngate: proxy listening on http://{proxy}");
+    println!("fngate: admin listening on http://{admin} (/metrics, /healthz, /readyz)");
+    println!("fngate: control-plane API listening on http://{api}");
+    println!("fngate: {} functions deployed", deployed.len());
+    for (namespace, name, kind) in deployed {
+        match kind {
+            FunctionKind::Event => println!(
+                "  try: curl -s -X POST http://{proxy}/functions/{namespace}/{name}/invocations -d '{{\"name\": \"fngate\"}}'"
+            ),
+            FunctionKind::Web => println!("  try: curl -s http://{proxy}/web/{namespace}/{name}/"),
+        }
+    }
+    println!("fngate: ready");
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate =
+        signal(SignalKind::terminate()).context("failed to install SIGTERM handler")?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).context("failed to install SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}

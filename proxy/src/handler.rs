@@ -271,7 +271,7 @@ impl Proxy {
             let budget = queue_deadline.saturating_duration_since(Instant::now());
             let permit = match function.pool.acquire(budget).await {
                 Ok(permit) => permit,
-                Err(error) => return Err(acquire_error(function, error, &last_cause)),
+                Err(error) => return Err(acquire_error(function, settings, error, &last_cause)),
             };
             if let Some(waited) = permit.queued_for() {
                 function.metrics.record_queue_wait(waited);
@@ -458,7 +458,12 @@ fn truncated_text(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..end]).trim().to_owned()
 }
 
-fn acquire_error(function: &Function, error: AcquireError, last_cause: &str) -> ProxyError {
+fn acquire_error(
+    function: &Function,
+    settings: &FunctionSettings,
+    error: AcquireError,
+    last_cause: &str,
+) -> ProxyError {
     let name = function.key.to_string();
     match error {
         AcquireError::QueueFull { .. } => ProxyError::QueueFull {
@@ -470,10 +475,14 @@ fn acquire_error(function: &Function, error: AcquireError, last_cause: &str) -> 
             reason,
         },
         AcquireError::BudgetExceeded {
-            ref last_start_failure,
-            ..
+            last_start_failure, ..
         } => {
-            let mut message = error.to_string();
+            // Retries shrink the remaining budget; report the function's whole budget.
+            let mut message = AcquireError::BudgetExceeded {
+                budget: settings.queue_budget,
+                last_start_failure: None,
+            }
+            .to_string();
             match last_start_failure {
                 Some(reason) => message.push_str(&format!("; last start failure: {reason}")),
                 None if !last_cause.is_empty() => {
