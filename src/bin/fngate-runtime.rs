@@ -1,1 +1,42 @@
-fn main() {}
+//! `fngate-runtime`: the runtime wrapper binary, the entrypoint of a custom-runtime event
+//! function instance. See the `fngate_runtime` crate for the environment it reads.
+//!
+//! Logs go to stderr. `FNGATE_LOG` sets the filter in `tracing_subscriber::EnvFilter` syntax
+//! (default `info`).
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let filter = EnvFilter::try_from_env("FNGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let config = match fngate_runtime::WrapperConfig::from_env() {
+        Ok(config) => config,
+        Err(error) => return exit_with(error.exit_code(), &error),
+    };
+
+    // One bootstrap needs little parallelism, and many wrappers share a node, so a single
+    // thread is enough.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return exit_with(1, &format!("failed to start the tokio runtime: {error}")),
+    };
+    let exit = runtime.block_on(fngate_runtime::run(config));
+    exit_with(exit.code, &exit.reason)
+}
+
+/// Prints `fngate-runtime: <message>` to stderr and returns `code` as the exit status.
+fn exit_with(code: i32, message: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("fngate-runtime: {message}");
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
