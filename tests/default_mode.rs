@@ -394,7 +394,7 @@ async fn oversize_body_rejected_before_instance() {
             .await
             .unwrap();
     tokio::spawn(connection);
-    let chunks = futures_like_stream(event.into_bytes());
+    let chunks = chunked_body(event.into_bytes());
     let request = hyper::Request::post("/functions/default/echo/invocations")
         .header("host", "fngate")
         .body(chunks)
@@ -409,14 +409,10 @@ async fn oversize_body_rejected_before_instance() {
     );
 }
 
+type Frames = std::vec::IntoIter<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>;
+
 /// A body without a length, sent as two chunks.
-fn futures_like_stream(
-    data: Vec<u8>,
-) -> http_body_util::StreamBody<
-    futures_util::stream::Iter<
-        std::vec::IntoIter<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
-    >,
-> {
+fn chunked_body(data: Vec<u8>) -> http_body_util::StreamBody<futures_util::stream::Iter<Frames>> {
     let middle = data.len() / 2;
     let frames = vec![
         Ok(hyper::body::Frame::data(Bytes::copy_from_slice(

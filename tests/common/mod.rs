@@ -28,6 +28,8 @@ pub struct Fngate {
     pub admin: SocketAddr,
     pub api: SocketAddr,
     pub stderr_path: PathBuf,
+    /// Lines printed on stdout before the ready line.
+    pub banner: Vec<String>,
 }
 
 /// A function's code written into the test directory.
@@ -136,12 +138,17 @@ impl Fngate {
     pub fn start(dir: tempfile::TempDir, platform_toml: &str) -> Fngate {
         let config = dir.path().join("fngate.toml");
         std::fs::write(&config, platform_toml).unwrap();
+        Fngate::start_with_file(dir, &config)
+    }
+
+    /// Starts fngate with an existing platform file; `dir` holds its data and logs.
+    pub fn start_with_file(dir: tempfile::TempDir, config: &Path) -> Fngate {
         let stderr_path = dir.path().join("fngate.stderr");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_fngate"))
             .arg("serve")
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(["--api-listen", "127.0.0.1:0", "--shutdown-grace-ms", "5000"])
             .arg("--function-dir")
@@ -166,6 +173,7 @@ impl Fngate {
             }
         });
         let mut addrs = std::collections::HashMap::new();
+        let mut banner = Vec::new();
         let deadline = Instant::now() + WAIT_LIMIT;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -180,6 +188,7 @@ impl Fngate {
             if line == "fngate: ready" {
                 break;
             }
+            banner.push(line.clone());
             for (prefix, name) in [
                 ("fngate: proxy listening on http://", "proxy"),
                 ("fngate: admin listening on http://", "admin"),
@@ -198,6 +207,7 @@ impl Fngate {
             admin: addrs["admin"],
             api: addrs["api"],
             stderr_path,
+            banner,
         }
     }
 
