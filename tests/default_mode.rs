@@ -258,7 +258,7 @@ async fn killed_instance_gives_502_then_recovers() {
     );
 }
 
-/// Sends a request on a raw socket and returns the socket without reading the answer.
+/// Sends a request on a raw socket and returns the socket without reading the response.
 async fn start_raw_request(addr: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
@@ -411,7 +411,7 @@ async fn oversize_body_rejected_before_instance() {
 
 type Frames = std::vec::IntoIter<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>;
 
-/// A body without a length, sent as two chunks.
+/// Builds a body without a length, sent as two chunks.
 fn chunked_body(data: Vec<u8>) -> http_body_util::StreamBody<futures_util::stream::Iter<Frames>> {
     let middle = data.len() / 2;
     let frames = vec![

@@ -1,6 +1,6 @@
 //! Errors of the control plane's operations, each mapped to one HTTP status by the API.
 
-/// Why a control-plane operation failed.
+/// Failure of a control-plane operation.
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
     /// The request names an invalid value; `field` is its path, such as `function.concurrency`.

@@ -27,7 +27,7 @@ pub struct NamespaceSpec {
     pub memory_quota_mb: u64,
 }
 
-/// How a function is invoked.
+/// Invocation style of a function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FunctionKind {
@@ -37,7 +37,7 @@ pub enum FunctionKind {
     Web,
 }
 
-/// How an event function's code receives events.
+/// Protocol between an event function's code and the platform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventRuntime {
@@ -49,7 +49,7 @@ pub enum EventRuntime {
     Image,
 }
 
-/// Where a function's code comes from.
+/// Source of a function's code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum CodeSource {

@@ -31,7 +31,7 @@ pub enum Applied {
 #[derive(Debug, Clone, Serialize)]
 pub struct FunctionStatus {
     pub spec: FunctionSpec,
-    /// Where the code was found or unpacked.
+    /// Directory the code was used from or unpacked to.
     pub code_dir: PathBuf,
     pub instances: Vec<InstanceStatus>,
 }
@@ -49,7 +49,7 @@ pub struct InstanceStatus {
 /// Settings of the platform itself.
 #[derive(Debug, Clone)]
 pub struct PlatformConfig {
-    /// Where zip packages are unpacked and instance logs are kept.
+    /// Directory for unpacked zip packages and instance logs.
     pub function_dir: PathBuf,
 }
 

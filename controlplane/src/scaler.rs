@@ -40,7 +40,7 @@ pub struct Resolved {
     pub generation: u64,
 }
 
-/// What a scaler task needs.
+/// Inputs of a scaler task.
 pub struct ScalerParts {
     pub function: Arc<Function>,
     pub backend: Arc<dyn InstanceBackend>,
@@ -78,7 +78,8 @@ struct Managed {
 struct Scaler {
     parts: ScalerParts,
     ready: HashMap<u64, Managed>,
-    starting: HashMap<u64, JoinHandle<()>>,
+    /// Starts in progress, with the memory each reserved.
+    starting: HashMap<u64, (JoinHandle<()>, u64)>,
     /// Instances being drained or stopped, with their state for status reports.
     stopping: HashMap<u64, &'static str>,
     failures: u32,
@@ -191,7 +192,7 @@ impl Scaler {
                 })
                 .await;
         });
-        self.starting.insert(id, task);
+        self.starting.insert(id, (task, memory_mb));
         true
     }
 
@@ -434,9 +435,10 @@ impl Scaler {
 
     /// Drains and stops everything, waiting until all instances are gone.
     async fn shutdown(&mut self) {
-        for (_, task) in self.starting.drain() {
+        for (_, (task, memory_mb)) in self.starting.drain() {
             // Dropping the start future inside the task kills what it started.
             task.abort();
+            self.parts.quota.release(memory_mb);
         }
         let ids: Vec<u64> = self.ready.keys().copied().collect();
         for id in ids {

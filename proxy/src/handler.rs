@@ -1,5 +1,5 @@
 //! Request handling: route, look up the function, check the request, take a slot (queueing when
-//! none is free), forward to the instance and stream the answer back.
+//! none is free), forward to the instance and stream the response back.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -405,8 +405,8 @@ fn upstream_uri(rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
         .map_err(|error| ProxyError::InvalidRequest(format!("invalid request path: {error}")))
 }
 
-/// Maps an event function's answer: 2xx passes through as 200; the runtime wrapper's own
-/// failures keep their meaning; any other status is the function's error.
+/// Maps an event function's response. A 2xx passes through as 200, the runtime wrapper's own
+/// failures keep their meaning, and any other status is the function's error.
 fn event_response(
     function: &Function,
     settings: &FunctionSettings,

@@ -70,8 +70,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` and `X-Forwarded-Host`
-/// unless a trusted hop in front already set them.
+/// Appends the client to `X-Forwarded-For`, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`
+/// unless a hop in front (the load balancer) already set them. fngate does not check that hop.
 pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str) {
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(existing) => format!("{existing}, {client}"),

@@ -128,6 +128,17 @@ pub fn install_recorder() -> PrometheusHandle {
         .clone()
 }
 
+/// Zeroes the pool gauges of a removed function, so a scrape does not report stale load.
+pub(crate) fn zero_pool_gauges(key: &FunctionKey) {
+    let labels = [
+        ("namespace", key.namespace.clone()),
+        ("function", key.name.clone()),
+    ];
+    for name in [QUEUE_DEPTH, IN_FLIGHT, ROUTABLE_INSTANCES] {
+        gauge!(name, &labels).set(0.0);
+    }
+}
+
 /// Copies pool state into gauges just before a scrape.
 pub fn refresh_pool_gauges(router: &Router) {
     for function in router.table().functions() {

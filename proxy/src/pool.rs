@@ -22,14 +22,14 @@ use tokio::time::Instant;
 
 use crate::instance::{Instance, InstanceState};
 
-/// Instance lists up to this size are scanned in full to find the least loaded instance; larger
-/// ones sample two instances at random (power of two choices).
+/// Instance lists up to this size are scanned in full to find the least loaded instance. Larger
+/// lists sample two instances at random (power of two choices).
 const FULL_SCAN_MAX: usize = 8;
 
-/// Why a request got no slot.
+/// Reason a request got no slot.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AcquireError {
-    /// The wait queue already holds `limit` requests.
+    /// The wait queue already contains `limit` requests.
     #[error("wait queue is full ({limit} requests waiting)")]
     QueueFull { limit: usize },
     /// No slot became free within the queue budget.
@@ -266,8 +266,8 @@ impl Pool {
         Ok(Enqueued::Waiting(id, rx))
     }
 
-    /// The start failure to report at once, when no instance is routable and the scaler is in
-    /// its back-off.
+    /// Returns the start failure to report at once, when no instance is routable and the scaler
+    /// is in its back-off.
     fn backing_off(&self) -> Option<String> {
         let failure = self.start_failure.load();
         let failure = failure.as_ref()?;

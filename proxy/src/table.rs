@@ -185,6 +185,7 @@ impl Router {
             .flat_map(|q| q.values())
         {
             function.pool.fail_waiters(&AcquireError::Removed);
+            crate::metrics::zero_pool_gauges(&function.key);
         }
     }
 
@@ -236,6 +237,7 @@ impl Router {
         });
         if let Some(function) = &removed {
             function.pool.fail_waiters(&AcquireError::Removed);
+            crate::metrics::zero_pool_gauges(&function.key);
         }
         removed
     }

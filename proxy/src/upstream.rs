@@ -66,7 +66,7 @@ impl ConnPool {
     }
 }
 
-/// Why sending to an instance failed.
+/// Failure to send a request to an instance.
 #[derive(Debug)]
 pub(crate) enum SendError {
     /// No byte of the request reached the instance, so sending it to another instance is safe.

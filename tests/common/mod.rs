@@ -118,7 +118,7 @@ pub fn script_function(root: &Path, name: &str, file: &str, script: &str) -> Cod
     Code { dir }
 }
 
-/// Bash + curl custom runtime that answers each event with `{"echo": <event>, "pid": ...}`.
+/// Bash + curl custom runtime that responds to each event with `{"echo": <event>, "pid": ...}`.
 pub const EVENT_BOOTSTRAP: &str = r#"#!/bin/bash
 api="http://$SCF_RUNTIME_API:$SCF_RUNTIME_API_PORT"
 curl -sS -X POST "$api/runtime/init/ready" -d ' ' >/dev/null || exit 1
