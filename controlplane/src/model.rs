@@ -70,8 +70,10 @@ pub struct FunctionSpec {
     #[serde(default)]
     pub name: String,
     pub kind: FunctionKind,
-    #[serde(default)]
-    pub runtime: EventRuntime,
+    /// Event functions only; absent means [`EventRuntime::Custom`]. The platform fills it in
+    /// for stored event functions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<EventRuntime>,
     pub code: CodeSource,
     #[serde(default = "defaults::memory_mb")]
     pub memory_mb: u32,
@@ -135,6 +137,11 @@ mod defaults {
 }
 
 impl FunctionSpec {
+    /// The event runtime in effect, the default when none is set.
+    pub fn event_runtime(&self) -> EventRuntime {
+        self.runtime.unwrap_or_default()
+    }
+
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }

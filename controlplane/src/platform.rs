@@ -156,8 +156,11 @@ impl Platform {
 
     /// Creates or changes a function. Its code is resolved (a zip unpacked) before anything
     /// changes, so a bad package leaves the running version untouched.
-    pub async fn put_function(&self, spec: FunctionSpec) -> Result<Applied, PlatformError> {
+    pub async fn put_function(&self, mut spec: FunctionSpec) -> Result<Applied, PlatformError> {
         crate::validate::function(&spec)?;
+        if spec.kind == model::FunctionKind::Event {
+            spec.runtime = Some(spec.event_runtime());
+        }
         let _change = self.changes.lock().await;
         if !self.namespaces.lock().contains_key(&spec.namespace) {
             return Err(namespace_not_found(&spec.namespace));
@@ -345,7 +348,7 @@ pub fn settings(spec: &FunctionSpec) -> FunctionSettings {
 /// True when running instances cannot serve the new spec and must be replaced.
 fn needs_new_instances(old: &FunctionSpec, new: &FunctionSpec) -> bool {
     old.kind != new.kind
-        || old.runtime != new.runtime
+        || old.event_runtime() != new.event_runtime()
         || old.code != new.code
         || old.env != new.env
         || old.memory_mb != new.memory_mb

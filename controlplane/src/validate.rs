@@ -114,14 +114,16 @@ fn check_limits(spec: &FunctionSpec) -> Result<(), PlatformError> {
 
 fn check_runtime(spec: &FunctionSpec) -> Result<(), PlatformError> {
     match spec.kind {
-        FunctionKind::Web if spec.runtime != EventRuntime::default() => {
+        FunctionKind::Web if spec.runtime.is_some() => {
             Err(PlatformError::invalid(
                 "runtime",
                 "applies only to event functions; remove it from this web function, which serves \
                  HTTP itself",
             ))
         }
-        FunctionKind::Event if spec.runtime == EventRuntime::Custom && spec.concurrency != 1 => {
+        FunctionKind::Event
+            if spec.event_runtime() == EventRuntime::Custom && spec.concurrency != 1 =>
+        {
             Err(PlatformError::invalid(
                 "concurrency",
                 format!(
@@ -261,7 +263,7 @@ mod tests {
             namespace: "default".into(),
             name: "hello-web".into(),
             kind: FunctionKind::Web,
-            runtime: EventRuntime::default(),
+            runtime: None,
             code: CodeSource::Directory(PathBuf::from("/srv/code/hello")),
             memory_mb: 128,
             timeout_ms: 3_000,
@@ -280,7 +282,7 @@ mod tests {
     fn event(runtime: EventRuntime, concurrency: u32) -> FunctionSpec {
         FunctionSpec {
             kind: FunctionKind::Event,
-            runtime,
+            runtime: Some(runtime),
             concurrency,
             ..web()
         }
@@ -431,11 +433,13 @@ mod tests {
 
     #[test]
     fn web_with_runtime_rejected() {
-        let spec = FunctionSpec {
-            runtime: EventRuntime::Image,
-            ..web()
-        };
-        assert_eq!(rejected_field(&spec), "runtime");
+        for runtime in [EventRuntime::Image, EventRuntime::Custom] {
+            let spec = FunctionSpec {
+                runtime: Some(runtime),
+                ..web()
+            };
+            assert_eq!(rejected_field(&spec), "runtime", "{runtime:?}");
+        }
     }
 
     #[test]

@@ -76,7 +76,7 @@ impl Fixture {
             namespace: "testns".to_owned(),
             name: "testfn".to_owned(),
             kind,
-            runtime,
+            runtime: (kind == FunctionKind::Event).then_some(runtime),
             code: CodeSource::Directory(self.code_dir.clone()),
             memory_mb: 256,
             timeout_ms: 4_500,

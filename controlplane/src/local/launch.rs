@@ -29,7 +29,7 @@ pub(super) fn resolve_entrypoint(
     request: &StartRequest,
 ) -> Result<Entrypoint, InstanceFailure> {
     let spec = &request.function;
-    match (spec.kind, spec.runtime) {
+    match (spec.kind, spec.event_runtime()) {
         (FunctionKind::Web, _) | (FunctionKind::Event, EventRuntime::Image) => {
             let program = request.code_dir.join("scf_bootstrap");
             check_executable(&program, "bootstrap")?;
