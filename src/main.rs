@@ -1,8 +1,10 @@
 //! The `fngate` command: runs the platform in default mode (proxy, control plane and local
 //! instances in one process).
 
+use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,18 +67,28 @@ struct ServeArgs {
     log: String,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => {
-            init_tracing(&args.log)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("failed to start the tokio runtime")?;
-            runtime.block_on(serve(args))
+    let result = match cli.command {
+        Command::Serve(args) => run_serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` prints the error and its causes on one line, without a backtrace.
+            eprintln!("fngate: error: {error:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing(&args.log)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")?;
+    runtime.block_on(serve(args))
 }
 
 fn init_tracing(filter: &str) -> anyhow::Result<()> {
@@ -85,6 +97,7 @@ fn init_tracing(filter: &str) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     Ok(())
 }
@@ -127,6 +140,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     router.mark_synced();
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The admin listener outlives the proxy's drain, so /readyz reports 503 during shutdown.
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -146,7 +161,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             proxy,
             metrics: metrics.clone(),
         },
-        stopped(stop_rx.clone()),
+        stopped(admin_stop_rx),
     ));
     tokio::spawn(fngate_controlplane::api::serve(
         api_listener,
@@ -166,6 +181,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = proxy_task.await;
     platform.shutdown().await;
+    let _ = admin_stop_tx.send(true);
     tracing::info!("stopped");
     Ok(())
 }
@@ -231,7 +247,12 @@ fn print_banner(
     println!("fngate: proxy listening on http://{proxy}");
     println!("fngate: admin listening on http://{admin} (/metrics, /healthz, /readyz)");
     println!("fngate: control-plane API listening on http://{api}");
-    println!("fngate: {} functions deployed", deployed.len());
+    let noun = if deployed.len() == 1 {
+        "function"
+    } else {
+        "functions"
+    };
+    println!("fngate: {} {noun} deployed", deployed.len());
     for (namespace, name, kind) in deployed {
         match kind {
             FunctionKind::Event => println!(

@@ -43,11 +43,18 @@ pub enum InstanceFailure {
     Spawn(String),
 }
 
+/// Formats the output tail for `Display` on one line, its lines joined with " | " and blank
+/// lines left out, so a failure stays one log event.
 fn tail_suffix(tail: &str) -> String {
-    if tail.trim().is_empty() {
+    let lines: Vec<&str> = tail
+        .lines()
+        .map(str::trim_end)
+        .filter(|line| !line.is_empty())
+        .collect();
+    if lines.is_empty() {
         String::new()
     } else {
-        format!("; last output: {}", tail.trim_end())
+        format!("; last output: {}", lines.join(" | "))
     }
 }
 

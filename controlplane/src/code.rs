@@ -1,4 +1,5 @@
-//! Resolves a function's code source to a directory on this machine.
+//! Resolves a function's code source to a directory on this machine, and checks that the
+//! directory has the executable the function's kind starts.
 //!
 //! A directory source is used in place. A zip archive is unpacked once per content digest, to
 //! `<function_dir>/<namespace>/<function>/code/<first 16 hex digits of its SHA-256>/`. It is
@@ -9,9 +10,12 @@
 //! Left to others: fetching packages onto other nodes and removing versions no longer used (the
 //! node agent), and running this blocking code off the async runtime (the caller).
 
+mod entrypoint;
 #[cfg(test)]
 mod tests;
 mod unzip;
+
+pub use entrypoint::check_entrypoint;
 
 use std::fs::{self, File};
 use std::io::{self, Seek, SeekFrom};
@@ -30,15 +34,45 @@ pub const MAX_ENTRIES: usize = 100_000;
 /// Hex digits of the SHA-256 digest that name an unpacked version (64 bits).
 const VERSION_HEX_LEN: usize = 16;
 
+/// A resolved code directory, with what resolving it created on disk.
+#[derive(Debug)]
+#[must_use = "a code directory that is not used should be discarded"]
+pub struct CodeDir {
+    /// Canonical directory that contains the function's code.
+    pub path: PathBuf,
+    /// Directories this resolve created to hold the unpacked version, outermost first.
+    created: Vec<PathBuf>,
+    /// Whether this resolve unpacked `path` itself, rather than reusing an unpacked version.
+    unpacked: bool,
+}
+
+impl CodeDir {
+    /// Removes the version this resolve unpacked, and the directories it created for it if they
+    /// are empty. For code rejected after it was resolved. A version that an earlier resolve
+    /// unpacked is kept, because a running function may use it.
+    pub fn discard(self) {
+        if self.unpacked {
+            if let Err(e) = fs::remove_dir_all(&self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "failed to remove rejected code version");
+            }
+        }
+        remove_empty_dirs(&self.created);
+    }
+}
+
 /// Resolves `source` to the directory that contains the function's code. Blocking.
 pub fn resolve(
     source: &CodeSource,
     function_dir: &Path,
     namespace: &str,
     function: &str,
-) -> Result<PathBuf, PlatformError> {
+) -> Result<CodeDir, PlatformError> {
     match source {
-        CodeSource::Directory(dir) => resolve_directory(dir),
+        CodeSource::Directory(dir) => Ok(CodeDir {
+            path: resolve_directory(dir)?,
+            created: Vec::new(),
+            unpacked: false,
+        }),
         CodeSource::ZipFile(archive) => {
             resolve_zip(archive, function_dir, namespace, function, unzip::LIMITS)
         }
@@ -73,7 +107,7 @@ fn resolve_zip(
     namespace: &str,
     function: &str,
     limits: unzip::Limits,
-) -> Result<PathBuf, PlatformError> {
+) -> Result<CodeDir, PlatformError> {
     check_path_component(namespace)?;
     check_path_component(function)?;
     let mut file = File::open(archive_path).map_err(|e| match e.kind() {
@@ -83,26 +117,77 @@ fn resolve_zip(
         _ => code_error(archive_path, format!("cannot be opened: {e}")),
     })?;
     let digest = sha256_hex(&mut file).map_err(|e| code_error(archive_path, e.to_string()))?;
-    let versions = function_dir.join(namespace).join(function).join("code");
+
+    let namespace_dir = function_dir.join(namespace);
+    let versions = namespace_dir.join(function).join("code");
     let target = versions.join(&digest[..VERSION_HEX_LEN]);
+    let mut created = Vec::new();
+    let mut unpacked = false;
     if !target.is_dir() {
-        fs::create_dir_all(&versions).map_err(|e| {
-            code_error(
-                archive_path,
-                format!("cannot create {}: {e}", versions.display()),
-            )
-        })?;
-        let staging = StagingDir::create(&versions, &digest[..VERSION_HEX_LEN])
-            .map_err(|e| code_error(archive_path, e.to_string()))?;
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| code_error(archive_path, format!("cannot be read: {e}")))?;
-        unzip::unpack(file, staging.path(), limits).map_err(|e| code_error(archive_path, e))?;
-        staging
-            .commit(&target)
-            .map_err(|e| code_error(archive_path, e))?;
+        created = missing_dirs(&namespace_dir, &versions);
+        let result = fs::create_dir_all(&versions)
+            .map_err(|e| format!("cannot create {}: {e}", versions.display()))
+            .and_then(|()| unpack_version(file, &versions, &target, limits));
+        match result {
+            Ok(renamed) => unpacked = renamed,
+            Err(message) => {
+                remove_empty_dirs(&created);
+                return Err(code_error(archive_path, message));
+            }
+        }
     }
-    fs::canonicalize(&target)
-        .map_err(|e| code_error(archive_path, format!("{}: {e}", target.display())))
+
+    let path = fs::canonicalize(&target)
+        .map_err(|e| code_error(archive_path, format!("{}: {e}", target.display())))?;
+    Ok(CodeDir {
+        path,
+        created,
+        unpacked,
+    })
+}
+
+/// Unpacks the archive into a staging directory in `versions` and renames it to `target`.
+/// Returns false if a concurrent resolve put the same version there first.
+fn unpack_version(
+    mut file: File,
+    versions: &Path,
+    target: &Path,
+    limits: unzip::Limits,
+) -> Result<bool, String> {
+    let version = target.file_name().unwrap_or_default().to_string_lossy();
+    let staging = StagingDir::create(versions, &version)?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    unzip::unpack(file, staging.path(), limits)?;
+    staging.commit(target)
+}
+
+/// Returns `leaf` and those of its ancestors up to `top` that do not exist, outermost first.
+fn missing_dirs(top: &Path, leaf: &Path) -> Vec<PathBuf> {
+    let mut missing: Vec<PathBuf> = leaf
+        .ancestors()
+        .take_while(|dir| dir.starts_with(top))
+        .filter(|dir| !dir.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    missing.reverse();
+    missing
+}
+
+/// Removes `dirs` innermost first, each only if it is empty. A directory that something else
+/// filled in the meantime is kept.
+fn remove_empty_dirs(dirs: &[PathBuf]) {
+    for dir in dirs.iter().rev() {
+        match fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => return,
+            Err(e) => {
+                tracing::warn!(path = %dir.display(), error = %e, "failed to remove empty code directory");
+                return;
+            }
+        }
+    }
 }
 
 /// Rejects a namespace or function name that would not be one plain path component.
@@ -147,15 +232,16 @@ impl StagingDir {
         &self.path
     }
 
-    /// Renames the staging directory to `target`. If another resolve put the same version
-    /// there first, that version is kept and this copy is removed on drop.
-    fn commit(mut self, target: &Path) -> Result<(), String> {
+    /// Renames the staging directory to `target` and returns true. If another resolve put the
+    /// same version there first, returns false: that version is kept and this copy is removed
+    /// on drop.
+    fn commit(mut self, target: &Path) -> Result<bool, String> {
         match fs::rename(&self.path, target) {
             Ok(()) => {
                 self.committed = true;
-                Ok(())
+                Ok(true)
             }
-            Err(_) if target.is_dir() => Ok(()),
+            Err(_) if target.is_dir() => Ok(false),
             Err(e) => Err(format!(
                 "cannot move the unpacked code to {}: {e}",
                 target.display()

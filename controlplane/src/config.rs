@@ -1,9 +1,10 @@
 //! Loads the platform file, the TOML file read at start that declares namespaces and functions.
 //!
 //! Loading parses the file, makes relative code paths absolute against the file's directory,
-//! validates each spec with `validate`, and checks the file as a whole: no duplicate namespaces
-//! or functions, and no function in an undeclared namespace other than `default`. Applying the
-//! result to the platform, and reading or unpacking code packages, is left to the caller.
+//! and validates each spec with `validate`. Then it checks the file as a whole: no duplicate
+//! namespaces or functions, no function in an undeclared namespace other than `default`, and no
+//! function whose memory exceeds its declared namespace's quota. Applying the result to the
+//! platform, and reading or unpacking code packages, is left to the caller.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -228,23 +229,29 @@ impl Checker<'_> {
             let line = self.line(table.span());
             let mut spec = table.into_inner();
             spec.code = absolute_code(spec.code, base_dir);
-            validate::function(&spec).map_err(|source| ConfigError::Invalid {
+            let invalid = |spec: &FunctionSpec, source| ConfigError::Invalid {
                 path: self.path.to_path_buf(),
                 line,
                 section: "[[function]]",
                 position: index + 1,
-                name: qualified_name(&spec),
+                name: qualified_name(spec),
                 source: Box::new(source),
-            })?;
-            let declared = spec.namespace == DEFAULT_NAMESPACE
-                || namespaces.iter().any(|n| n.name == spec.namespace);
-            if !declared {
-                return Err(ConfigError::UnknownNamespace {
-                    path: self.path.to_path_buf(),
-                    line,
-                    namespace: spec.namespace,
-                    name: spec.name,
-                });
+            };
+            validate::function(&spec).map_err(|source| invalid(&spec, source))?;
+            let namespace = namespaces.iter().find(|n| n.name == spec.namespace);
+            match namespace {
+                Some(namespace) => validate::memory_within_quota(&spec, namespace)
+                    .map_err(|source| invalid(&spec, source))?,
+                // The implicit `default` namespace has no quota.
+                None if spec.namespace == DEFAULT_NAMESPACE => {}
+                None => {
+                    return Err(ConfigError::UnknownNamespace {
+                        path: self.path.to_path_buf(),
+                        line,
+                        namespace: spec.namespace,
+                        name: spec.name,
+                    });
+                }
             }
             let key = (spec.namespace.clone(), spec.name.clone());
             if let Some(&first_line) = first_lines.get(&key) {

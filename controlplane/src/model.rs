@@ -49,14 +49,65 @@ pub enum EventRuntime {
     Image,
 }
 
-/// Source of a function's code.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+/// Source of a function's code: `{"directory": "..."}` or `{"zip_file": "..."}` in JSON,
+/// `code = { directory = "..." }` in TOML.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CodeSource {
     /// A directory used in place.
     Directory(PathBuf),
     /// A zip archive, unpacked under the function directory.
     ZipFile(PathBuf),
+}
+
+/// Deserializes a map with exactly one of the keys `directory` and `zip_file`. The derived
+/// enum deserializer would report an empty or two-key map as a JSON syntax error.
+impl<'de> Deserialize<'de> for CodeSource {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(CodeSourceVisitor)
+    }
+}
+
+/// A key of a code source map; any other key is an unknown field.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum CodeSourceKey {
+    Directory,
+    ZipFile,
+}
+
+struct CodeSourceVisitor;
+
+impl CodeSourceVisitor {
+    const RULE: &'static str = "`code` takes exactly one of `directory` or `zip_file`";
+}
+
+impl<'de> serde::de::Visitor<'de> for CodeSourceVisitor {
+    type Value = CodeSource;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a map with exactly one of the keys `directory` or `zip_file`")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<CodeSource, A::Error> {
+        use serde::de::Error;
+
+        let mut source = None;
+        while let Some(key) = map.next_key::<CodeSourceKey>()? {
+            let path: PathBuf = map.next_value()?;
+            if source.is_some() {
+                return Err(A::Error::custom(format!(
+                    "{}, got more than one",
+                    Self::RULE
+                )));
+            }
+            source = Some(match key {
+                CodeSourceKey::Directory => CodeSource::Directory(path),
+                CodeSourceKey::ZipFile => CodeSource::ZipFile(path),
+            });
+        }
+        source.ok_or_else(|| A::Error::custom(format!("{}, got neither", Self::RULE)))
+    }
 }
 
 /// A function as declared. Durations are in milliseconds on the wire.

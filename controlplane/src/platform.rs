@@ -17,7 +17,7 @@ use crate::backend::InstanceBackend;
 use crate::error::PlatformError;
 use crate::model::{self, FunctionSpec, NamespaceSpec, LATEST};
 use crate::quota::Quota;
-use crate::scaler::{self, Resolved, ScalerParts};
+use crate::scaler::{self, Resolved, ScalerParts, Stop};
 
 /// Whether a put created a resource or changed an existing one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +57,7 @@ struct FunctionEntry {
     spec: Arc<FunctionSpec>,
     code_dir: PathBuf,
     resolved: watch::Sender<Resolved>,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Stop>,
     task: JoinHandle<()>,
     status: Arc<Mutex<Vec<InstanceStatus>>>,
 }
@@ -101,7 +101,8 @@ impl Platform {
         &self.router
     }
 
-    /// Creates or changes a namespace.
+    /// Creates or changes a namespace. A memory quota below the memory of one of its
+    /// functions' instances is rejected, because that function could never start one.
     pub async fn put_namespace(&self, spec: NamespaceSpec) -> Result<Applied, PlatformError> {
         crate::validate::namespace(&spec)?;
         let _change = self.changes.lock().await;
@@ -110,6 +111,9 @@ impl Platform {
             if entry.spec == spec {
                 return Ok(Applied::Unchanged);
             }
+            let functions: Vec<&FunctionSpec> =
+                entry.functions.values().map(|f| f.spec.as_ref()).collect();
+            crate::validate::quota_fits_functions(&spec, &functions)?;
             entry.quota.set_limit(spec.memory_quota_mb);
             entry.spec = spec;
             return Ok(Applied::Updated);
@@ -154,16 +158,21 @@ impl Platform {
             .collect()
     }
 
-    /// Creates or changes a function. Its code is resolved (a zip unpacked) before anything
-    /// changes, so a bad package leaves the running version untouched.
+    /// Creates or changes a function. Its memory is checked against the namespace quota, and
+    /// its code resolved (a zip unpacked) and checked for the executable its kind starts, all
+    /// before anything changes, so a rejected update leaves the running version untouched.
     pub async fn put_function(&self, mut spec: FunctionSpec) -> Result<Applied, PlatformError> {
         crate::validate::function(&spec)?;
         if spec.kind == model::FunctionKind::Event {
             spec.runtime = Some(spec.event_runtime());
         }
         let _change = self.changes.lock().await;
-        if !self.namespaces.lock().contains_key(&spec.namespace) {
-            return Err(namespace_not_found(&spec.namespace));
+        {
+            let namespaces = self.namespaces.lock();
+            let namespace = namespaces
+                .get(&spec.namespace)
+                .ok_or_else(|| namespace_not_found(&spec.namespace))?;
+            crate::validate::memory_within_quota(&spec, &namespace.spec)?;
         }
         let code_dir = self.resolve_code(&spec).await?;
         let spec = Arc::new(spec);
@@ -205,7 +214,7 @@ impl Platform {
             code_dir: code_dir.clone(),
             generation,
         });
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = watch::channel(Stop::No);
         let status = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(scaler::run(ScalerParts {
             function,
@@ -231,12 +240,22 @@ impl Platform {
         Ok(Applied::Created)
     }
 
+    /// Resolves the function's code and checks that it has the executable the function's kind
+    /// starts. Code that fails the check is discarded if this call unpacked it.
     async fn resolve_code(&self, spec: &FunctionSpec) -> Result<PathBuf, PlatformError> {
         let source = spec.code.clone();
         let function_dir = self.config.function_dir.clone();
         let (namespace, name) = (spec.namespace.clone(), spec.name.clone());
+        let (kind, runtime) = (spec.kind, spec.event_runtime());
         tokio::task::spawn_blocking(move || {
-            crate::code::resolve(&source, &function_dir, &namespace, &name)
+            let code = crate::code::resolve(&source, &function_dir, &namespace, &name)?;
+            match crate::code::check_entrypoint(&code.path, &source, kind, runtime) {
+                Ok(()) => Ok(code.path),
+                Err(error) => {
+                    code.discard();
+                    Err(error)
+                }
+            }
         })
         .await
         .map_err(|error| PlatformError::Internal(format!("code resolution task failed: {error}")))?
@@ -257,7 +276,7 @@ impl Platform {
                 .ok_or_else(|| function_not_found(namespace, name))?
         };
         self.router.remove(&function_key(&entry.spec));
-        let _ = entry.stop.send(true);
+        let _ = entry.stop.send(Stop::Drain);
         tracing::info!(function = %name, %namespace, "function deleted; draining its instances");
         Ok(())
     }
@@ -281,7 +300,8 @@ impl Platform {
             .ok_or_else(|| function_not_found(namespace, name))
     }
 
-    /// Stops every scaler and waits until their instances are gone.
+    /// Stops every scaler and waits until their instances are gone. Instances are stopped without
+    /// draining, so call this after the proxy drained its connections.
     pub async fn shutdown(&self) {
         let _change = self.changes.lock().await;
         let tasks: Vec<JoinHandle<()>> = {
@@ -289,7 +309,7 @@ impl Platform {
             let mut tasks = Vec::new();
             for namespace in namespaces.values_mut() {
                 for (_, entry) in std::mem::take(&mut namespace.functions) {
-                    let _ = entry.stop.send(true);
+                    let _ = entry.stop.send(Stop::Now);
                     tasks.push(entry.task);
                 }
             }

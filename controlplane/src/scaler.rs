@@ -40,13 +40,24 @@ pub struct Resolved {
     pub generation: u64,
 }
 
+/// How a scaler should end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Keep running.
+    No,
+    /// Drain: let in-flight requests finish (up to the function's timeout), then stop instances.
+    Drain,
+    /// Stop instances at once; the proxy has already drained its connections.
+    Now,
+}
+
 /// Inputs of a scaler task.
 pub struct ScalerParts {
     pub function: Arc<Function>,
     pub backend: Arc<dyn InstanceBackend>,
     pub quota: Arc<Quota>,
     pub resolved: watch::Receiver<Resolved>,
-    pub stop: watch::Receiver<bool>,
+    pub stop: watch::Receiver<Stop>,
     pub status: Arc<Mutex<Vec<InstanceStatus>>>,
     pub instance_ids: Arc<AtomicU64>,
 }
@@ -81,7 +92,7 @@ struct Scaler {
     /// Starts in progress, with the memory each reserved.
     starting: HashMap<u64, (JoinHandle<()>, u64)>,
     /// Instances being drained or stopped, with their state for status reports.
-    stopping: HashMap<u64, &'static str>,
+    stopping: HashMap<u64, (&'static str, Arc<Instance>)>,
     failures: u32,
     retry_at: Option<Instant>,
     quota_warned: bool,
@@ -89,7 +100,7 @@ struct Scaler {
     events_rx: mpsc::Receiver<Event>,
 }
 
-/// Runs the scaler until `parts.stop` turns true, then drains and stops every instance.
+/// Runs the scaler until `parts.stop` leaves [`Stop::No`], then stops every instance.
 pub async fn run(parts: ScalerParts) {
     let (events_tx, events_rx) = mpsc::channel(256);
     let mut scaler = Scaler {
@@ -125,10 +136,11 @@ impl Scaler {
                 }
                 () = quota.released() => {}
                 () = tokio::time::sleep_until(wake_at) => {}
-                _ = stop.wait_for(|stop| *stop) => break,
+                _ = stop.wait_for(|stop| *stop != Stop::No) => break,
             }
         }
-        self.shutdown().await;
+        let drain = *self.parts.stop.borrow() != Stop::Now;
+        self.shutdown(drain).await;
     }
 
     fn resolved(&self) -> Resolved {
@@ -160,6 +172,11 @@ impl Scaler {
         let spec = &resolved.spec;
         let memory_mb = u64::from(spec.memory_mb);
         if !self.parts.quota.try_reserve(memory_mb) {
+            self.parts.function.pool.set_capacity_note(Some(format!(
+                "the namespace's memory quota is in use ({} of {} MB); stop other functions' instances or raise memory_quota_mb",
+                self.parts.quota.used_mb(),
+                self.parts.quota.limit_mb()
+            )));
             if !self.quota_warned {
                 tracing::warn!(
                     function = %self.parts.function.key,
@@ -172,6 +189,7 @@ impl Scaler {
             return false;
         }
         self.quota_warned = false;
+        self.parts.function.pool.set_capacity_note(None);
         let id = self.parts.instance_ids.fetch_add(1, SeqCst);
         let request = StartRequest {
             instance_id: id,
@@ -245,7 +263,8 @@ impl Scaler {
         } else {
             "failed"
         };
-        self.stopping.insert(id, label);
+        self.stopping
+            .insert(id, (label, Arc::clone(&managed.instance)));
         let drain_grace = self.resolved().spec.timeout() + Duration::from_secs(1);
         let events = self.events_tx.clone();
         tokio::spawn(async move {
@@ -412,12 +431,12 @@ impl Scaler {
                 in_flight: managed.instance.in_flight(),
             });
         }
-        for (id, state) in &self.stopping {
+        for (id, (state, instance)) in &self.stopping {
             status.push(InstanceStatus {
                 id: *id,
                 state,
-                addr: None,
-                in_flight: 0,
+                addr: Some(instance.addr().to_string()),
+                in_flight: instance.in_flight(),
             });
         }
         status.sort_by_key(|s| s.id);
@@ -433,16 +452,21 @@ impl Scaler {
         }
     }
 
-    /// Drains and stops everything, waiting until all instances are gone.
-    async fn shutdown(&mut self) {
+    /// Stops everything, draining first when `drain`, and waits until all instances are gone.
+    async fn shutdown(&mut self, drain: bool) {
         for (_, (task, memory_mb)) in self.starting.drain() {
             // Dropping the start future inside the task kills what it started.
             task.abort();
             self.parts.quota.release(memory_mb);
         }
         let ids: Vec<u64> = self.ready.keys().copied().collect();
+        let state = if drain {
+            InstanceState::Draining
+        } else {
+            InstanceState::Failed
+        };
         for id in ids {
-            self.retire(id, InstanceState::Draining);
+            self.retire(id, state);
         }
         while !self.stopping.is_empty() {
             match self.events_rx.recv().await {

@@ -1,8 +1,9 @@
 //! Checks namespace and function specs against the platform's limits before they are stored.
 //!
-//! Both the config file loader and `Platform::put_*` call these checks. They look at one spec at
-//! a time: whether a namespace exists, names are unique or a quota is exceeded is left to the
-//! caller, and so is reading the code package (`code::resolve`).
+//! Both the config file loader and `Platform::put_*` call these checks. Most look at one spec
+//! at a time; `memory_within_quota` and `quota_fits_functions` compare a function with its
+//! namespace. Whether a namespace exists or names are unique is left to the caller, and so is
+//! reading the code package (`code::resolve`).
 
 use std::fmt::Display;
 
@@ -53,6 +54,73 @@ pub fn function(spec: &FunctionSpec) -> Result<(), PlatformError> {
     check_runtime(spec)?;
     check_env(spec)?;
     check_code(&spec.code)
+}
+
+/// Checks that one instance of the function fits in its namespace's memory quota, because no
+/// instance could ever start otherwise. A quota of zero means none.
+pub fn memory_within_quota(
+    spec: &FunctionSpec,
+    namespace: &NamespaceSpec,
+) -> Result<(), PlatformError> {
+    let quota = namespace.memory_quota_mb;
+    if quota == 0 || u64::from(spec.memory_mb) <= quota {
+        return Ok(());
+    }
+    Err(PlatformError::invalid(
+        "memory_mb",
+        format!(
+            "is {} MB, more than the memory quota of {quota} MB of namespace {:?}, so no \
+             instance could ever start; set memory_mb to at most {quota}, or raise the \
+             namespace's memory_quota_mb",
+            spec.memory_mb, namespace.name
+        ),
+    ))
+}
+
+/// Checks that a namespace's new memory quota still fits one instance of each of its
+/// `functions`. Returns a conflict naming the functions that would no longer fit.
+pub fn quota_fits_functions(
+    namespace: &NamespaceSpec,
+    functions: &[&FunctionSpec],
+) -> Result<(), PlatformError> {
+    /// Functions named in the message; a namespace may have many.
+    const MAX_NAMED: usize = 5;
+
+    let quota = namespace.memory_quota_mb;
+    if quota == 0 {
+        return Ok(());
+    }
+    let mut too_large: Vec<&FunctionSpec> = functions
+        .iter()
+        .copied()
+        .filter(|f| u64::from(f.memory_mb) > quota)
+        .collect();
+    if too_large.is_empty() {
+        return Ok(());
+    }
+
+    too_large.sort_by(|a, b| b.memory_mb.cmp(&a.memory_mb).then(a.name.cmp(&b.name)));
+    let largest = too_large[0].memory_mb;
+    let mut named: Vec<String> = too_large
+        .iter()
+        .take(MAX_NAMED)
+        .map(|f| format!("{:?} ({} MB)", f.name, f.memory_mb))
+        .collect();
+    if too_large.len() > MAX_NAMED {
+        named.push(format!("{} more", too_large.len() - MAX_NAMED));
+    }
+    let noun = if too_large.len() == 1 {
+        "function"
+    } else {
+        "functions"
+    };
+    Err(PlatformError::Conflict(format!(
+        "memory_quota_mb {quota} of namespace {:?} is below the memory_mb of its {noun} {}, \
+         which could then never start an instance; keep the quota at {largest} MB or more, or \
+         lower the memory_mb of those functions first",
+        namespace.name,
+        named.join(", ")
+    )))
 }
 
 fn check_limits(spec: &FunctionSpec) -> Result<(), PlatformError> {
@@ -114,13 +182,11 @@ fn check_limits(spec: &FunctionSpec) -> Result<(), PlatformError> {
 
 fn check_runtime(spec: &FunctionSpec) -> Result<(), PlatformError> {
     match spec.kind {
-        FunctionKind::Web if spec.runtime.is_some() => {
-            Err(PlatformError::invalid(
-                "runtime",
-                "applies only to event functions; remove it from this web function, which serves \
+        FunctionKind::Web if spec.runtime.is_some() => Err(PlatformError::invalid(
+            "runtime",
+            "applies only to event functions; remove it from this web function, which serves \
                  HTTP itself",
-            ))
-        }
+        )),
         FunctionKind::Event
             if spec.event_runtime() == EventRuntime::Custom && spec.concurrency != 1 =>
         {
@@ -470,6 +536,83 @@ mod tests {
         let mut spec = web();
         spec.env.insert("GREETING".into(), "a\0b".into());
         assert_eq!(rejected_field(&spec), "env.GREETING");
+    }
+
+    fn namespace_with_quota(memory_quota_mb: u64) -> NamespaceSpec {
+        NamespaceSpec {
+            name: "batch".into(),
+            memory_quota_mb,
+        }
+    }
+
+    #[test]
+    fn memory_above_quota_rejected() {
+        let spec = FunctionSpec {
+            memory_mb: 512,
+            ..web()
+        };
+        for quota in [0, 512, 1024] {
+            let namespace = namespace_with_quota(quota);
+            assert!(
+                memory_within_quota(&spec, &namespace).is_ok(),
+                "quota {quota}"
+            );
+        }
+        let error = memory_within_quota(&spec, &namespace_with_quota(256)).unwrap_err();
+        let PlatformError::Invalid { field, message } = error else {
+            panic!("expected Invalid, got {error:?}");
+        };
+        assert_eq!(field, "memory_mb");
+        assert!(message.contains("512 MB"), "{message}");
+        assert!(message.contains("quota of 256 MB"), "{message}");
+        assert!(message.contains("\"batch\""), "{message}");
+    }
+
+    #[test]
+    fn quota_below_function_memory_conflicts() {
+        let small = FunctionSpec {
+            name: "small".into(),
+            memory_mb: 128,
+            ..web()
+        };
+        let large = FunctionSpec {
+            name: "large".into(),
+            memory_mb: 512,
+            ..web()
+        };
+        let functions = [&small, &large];
+        for quota in [0, 512] {
+            let namespace = namespace_with_quota(quota);
+            assert!(
+                quota_fits_functions(&namespace, &functions).is_ok(),
+                "quota {quota}"
+            );
+        }
+        let error = quota_fits_functions(&namespace_with_quota(256), &functions).unwrap_err();
+        let PlatformError::Conflict(message) = error else {
+            panic!("expected Conflict, got {error:?}");
+        };
+        assert!(message.contains("function \"large\" (512 MB)"), "{message}");
+        assert!(!message.contains("small"), "{message}");
+        assert!(message.contains("at 512 MB or more"), "{message}");
+    }
+
+    #[test]
+    fn quota_conflict_names_at_most_five() {
+        let specs: Vec<FunctionSpec> = (0..7u32)
+            .map(|i| FunctionSpec {
+                name: format!("f{i}"),
+                memory_mb: 256 + i,
+                ..web()
+            })
+            .collect();
+        let functions: Vec<&FunctionSpec> = specs.iter().collect();
+        let error = quota_fits_functions(&namespace_with_quota(128), &functions).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("functions \"f6\" (262 MB)"), "{message}");
+        assert!(message.contains("\"f2\" (258 MB), 2 more"), "{message}");
+        assert!(!message.contains("\"f1\""), "{message}");
+        assert!(message.contains("at 262 MB or more"), "{message}");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The control-plane API over loopback HTTP against a real `Platform`, whose backend starts
 //! nothing: functions keep zero instances, so only the store and the API are exercised.
 
+use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use zip::write::SimpleFileOptions;
+use zip::ZipWriter;
 
 /// A backend whose every start fails, so a test notices if an instance is started.
 struct NoInstances;
@@ -132,6 +137,84 @@ async fn delete(server: &Server, path: &str) -> Reply {
     send(server.addr, Method::DELETE, path, String::new()).await
 }
 
+/// Creates `dir` with an executable `scf_bootstrap`, and returns `dir`.
+fn web_code_dir(dir: PathBuf) -> PathBuf {
+    std::fs::create_dir_all(&dir).unwrap();
+    let bootstrap = dir.join("scf_bootstrap");
+    std::fs::write(&bootstrap, "#!/bin/sh\nexec python3 app.py\n").unwrap();
+    std::fs::set_permissions(&bootstrap, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Writes a zip archive of stored entries: (name, Unix mode, contents).
+fn write_zip(path: &Path, entries: &[(&str, u32, &str)]) {
+    let bytes = zip_bytes(entries);
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn zip_bytes(entries: &[(&str, u32, &str)]) -> Vec<u8> {
+    let mut zip = ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, mode, contents) in entries {
+        let options = SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .unix_permissions(*mode);
+        zip.start_file(*name, options).unwrap();
+        zip.write_all(contents.as_bytes()).unwrap();
+    }
+    zip.finish().unwrap().into_inner()
+}
+
+/// Writes a zip archive with `scf_bootstrap` twice. `ZipWriter` rejects a repeated name, so
+/// the second entry is written as `scf_bootstraq` and renamed in the bytes. Both names have the
+/// same length, so no offset moves.
+fn write_zip_with_repeated_bootstrap(path: &Path) {
+    let mut bytes = zip_bytes(&[
+        ("scf_bootstrap", 0o755, "#!/bin/sh\necho first\n"),
+        ("scf_bootstraq", 0o755, "#!/bin/sh\necho second\n"),
+    ]);
+    let (from, to) = (b"scf_bootstraq", b"scf_bootstrap");
+    let mut replaced = 0;
+    for start in 0..=bytes.len() - from.len() {
+        if &bytes[start..start + from.len()] == from {
+            bytes[start..start + from.len()].copy_from_slice(to);
+            replaced += 1;
+        }
+    }
+    assert_eq!(
+        replaced, 2,
+        "the name is in the local and the central header"
+    );
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Code packages that must be rejected, each with a part of the expected message.
+fn bad_packages(dir: &Path) -> Vec<(Value, &'static str)> {
+    let no_bootstrap = dir.join("no-bootstrap.zip");
+    write_zip(&no_bootstrap, &[("app.py", 0o644, "print('hi')\n")]);
+    let nested = dir.join("nested.zip");
+    write_zip(&nested, &[("hello/scf_bootstrap", 0o755, "#!/bin/sh\n")]);
+    let repeated = dir.join("repeated.zip");
+    write_zip_with_repeated_bootstrap(&repeated);
+    let not_executable = web_code_dir(dir.join("not-executable"));
+    let bootstrap = not_executable.join("scf_bootstrap");
+    std::fs::set_permissions(&bootstrap, std::fs::Permissions::from_mode(0o644)).unwrap();
+    vec![
+        (
+            json!({"zip_file": no_bootstrap}),
+            "has no `scf_bootstrap` at its root",
+        ),
+        (
+            json!({"zip_file": nested}),
+            "inside the top-level folder `hello/`",
+        ),
+        (
+            json!({"zip_file": repeated}),
+            "entry \"scf_bootstrap\" appears twice",
+        ),
+        (json!({"directory": not_executable}), "chmod +x"),
+    ]
+}
+
 #[tokio::test]
 async fn healthz_answers() {
     let server = start_server().await;
@@ -189,8 +272,7 @@ async fn invalid_namespace_rejected() {
 #[tokio::test]
 async fn function_crud() {
     let server = start_server().await;
-    let code = server.dir.path().join("hello");
-    std::fs::create_dir(&code).unwrap();
+    let code = web_code_dir(server.dir.path().join("hello"));
     put(&server, "/v1/namespaces/default", json!({})).await;
     let path = "/v1/namespaces/default/functions/hello";
     let spec = json!({"kind": "web", "code": {"directory": code}, "concurrency": 4});
@@ -252,6 +334,159 @@ async fn function_errors_reported() {
     let spec = json!({"kind": "web", "code": {"directory": "/"}});
     let reply = put(&server, "/v1/namespaces/absent/functions/hello", spec).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_package_rejected_on_create() {
+    let server = start_server().await;
+    put(&server, "/v1/namespaces/default", json!({})).await;
+    let path = "/v1/namespaces/default/functions/hello";
+    for (code, expected) in bad_packages(server.dir.path()) {
+        let reply = put(&server, path, json!({"kind": "web", "code": code})).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{code}: {}",
+            reply.body
+        );
+        assert_eq!(reply.body["error"]["code"], "InvalidCode", "{code}");
+        let message = reply.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{code}: {message}");
+        let reply = get(&server, path).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{code}: not stored");
+    }
+    let leftovers = server.dir.path().join("functions/default");
+    assert!(
+        !leftovers.exists(),
+        "rejected packages leave no directories: {}",
+        leftovers.display()
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn rejected_update_keeps_running_version() {
+    let server = start_server().await;
+    put(&server, "/v1/namespaces/default", json!({})).await;
+    let path = "/v1/namespaces/default/functions/hello";
+    let archive = server.dir.path().join("hello.zip");
+    write_zip(&archive, &[("scf_bootstrap", 0o755, "#!/bin/sh\n")]);
+    let spec = json!({"kind": "web", "code": {"zip_file": archive}, "concurrency": 4});
+    let reply = put(&server, path, spec).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    let running = get(&server, path).await.body;
+    let running_dir = PathBuf::from(running["code_dir"].as_str().unwrap());
+
+    for (code, expected) in bad_packages(server.dir.path()) {
+        let update = json!({"kind": "web", "code": code, "concurrency": 8});
+        let reply = put(&server, path, update).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{code}: {}",
+            reply.body
+        );
+        let message = reply.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{code}: {message}");
+        let reply = get(&server, path).await;
+        assert_eq!(reply.body, running, "{code}: running version changed");
+    }
+    assert!(running_dir.join("scf_bootstrap").is_file());
+    let versions = std::fs::read_dir(running_dir.parent().unwrap()).unwrap();
+    assert_eq!(versions.count(), 1, "rejected versions are removed");
+
+    // An event function with the custom runtime runs `bootstrap`, or `scf_bootstrap` when
+    // there is none, so the same package may become one.
+    let update = json!({"kind": "event", "code": {"zip_file": archive}});
+    let reply = put(&server, path, update).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["spec"]["kind"], "event");
+    assert_eq!(reply.body["code_dir"], running["code_dir"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn memory_above_quota_rejected() {
+    let server = start_server().await;
+    let reply = put(
+        &server,
+        "/v1/namespaces/batch",
+        json!({"memory_quota_mb": 256}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    let path = "/v1/namespaces/batch/functions/resize";
+    let code = web_code_dir(server.dir.path().join("resize"));
+
+    let spec = json!({"kind": "web", "code": {"directory": code}, "memory_mb": 512});
+    let reply = put(&server, path, spec).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.body["error"]["code"], "InvalidParameterValue");
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("invalid memory_mb:"), "{message}");
+    assert!(message.contains("512 MB"), "{message}");
+    assert!(message.contains("quota of 256 MB"), "{message}");
+    assert_eq!(get(&server, path).await.status, StatusCode::NOT_FOUND);
+
+    let spec = json!({"kind": "web", "code": {"directory": code}, "memory_mb": 256});
+    let reply = put(&server, path, spec).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn quota_below_function_memory_conflicts() {
+    let server = start_server().await;
+    let namespace = "/v1/namespaces/batch";
+    put(&server, namespace, json!({"memory_quota_mb": 1024})).await;
+    let code = web_code_dir(server.dir.path().join("resize"));
+    let spec = json!({"kind": "web", "code": {"directory": code}, "memory_mb": 512});
+    let reply = put(&server, "/v1/namespaces/batch/functions/resize", spec).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+
+    let reply = put(&server, namespace, json!({"memory_quota_mb": 256})).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
+    assert_eq!(reply.body["error"]["code"], "ResourceInUse");
+    let message = reply.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("\"resize\" (512 MB)"), "{message}");
+    assert_eq!(get(&server, namespace).await.body["memory_quota_mb"], 1024);
+
+    for quota in [512, 0] {
+        let reply = put(&server, namespace, json!({"memory_quota_mb": quota})).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "quota {quota}: {}",
+            reply.body
+        );
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_specs_explained() {
+    let server = start_server().await;
+    put(&server, "/v1/namespaces/default", json!({})).await;
+    let path = "/v1/namespaces/default/functions/hello";
+    let cases = [
+        (
+            json!({"kind": "web", "code": {}}),
+            "`code` takes exactly one of `directory` or `zip_file`, got neither",
+        ),
+        (
+            json!({"kind": "web", "code": {"directory": "/a", "zip_file": "/b"}}),
+            "`code` takes exactly one of `directory` or `zip_file`, got more than one",
+        ),
+        (json!([]), "must be a JSON object"),
+    ];
+    for (body, expected) in cases {
+        let reply = put(&server, path, body.clone()).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(reply.body["error"]["code"], "InvalidParameterValue");
+        let message = reply.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{body}: {message}");
+    }
     server.shutdown().await;
 }
 

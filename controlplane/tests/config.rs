@@ -352,3 +352,101 @@ fn shipped_example_loads() {
         );
     }
 }
+
+#[test]
+fn memory_above_quota_rejected() {
+    let error = load_error(
+        r#"
+[[namespace]]
+name = "batch"
+memory_quota_mb = 256
+
+[[function]]
+namespace = "batch"
+name = "resize"
+kind = "web"
+code = { directory = "/srv/resize" }
+memory_mb = 512
+"#,
+    );
+    let ConfigError::Invalid {
+        line,
+        section,
+        name,
+        source,
+        ..
+    } = &error
+    else {
+        panic!("expected Invalid, got {error:?}");
+    };
+    assert_eq!(*line, 6);
+    assert_eq!(*section, "[[function]]");
+    assert_eq!(name, "batch/resize");
+    let PlatformError::Invalid { field, message } = source.as_ref() else {
+        panic!("expected Invalid, got {source:?}");
+    };
+    assert_eq!(field, "memory_mb");
+    assert!(message.contains("512 MB"), "{message}");
+    assert!(message.contains("quota of 256 MB"), "{message}");
+}
+
+#[test]
+fn memory_within_quota_loads() {
+    let (_dir, result) = load_text(
+        r#"
+[[namespace]]
+name = "batch"
+memory_quota_mb = 512
+
+[[namespace]]
+name = "open"
+
+[[function]]
+namespace = "batch"
+name = "resize"
+kind = "web"
+code = { directory = "/srv/resize" }
+memory_mb = 512
+
+[[function]]
+namespace = "open"
+name = "big"
+kind = "web"
+code = { directory = "/srv/big" }
+memory_mb = 4096
+
+[[function]]
+namespace = "default"
+name = "implicit"
+kind = "web"
+code = { directory = "/srv/implicit" }
+memory_mb = 4096
+"#,
+    );
+    assert_eq!(result.unwrap().functions.len(), 3);
+}
+
+#[test]
+fn code_needs_exactly_one_source() {
+    let cases = [
+        ("code = {}", "got neither"),
+        (
+            "code = { directory = \"/a\", zip_file = \"/b.zip\" }",
+            "got more than one",
+        ),
+    ];
+    for (code, problem) in cases {
+        let text = format!("[[function]]\nname = \"a\"\nkind = \"web\"\n{code}\n");
+        let error = load_error(&text);
+        let ConfigError::Parse { line, .. } = &error else {
+            panic!("{code}: expected Parse, got {error:?}");
+        };
+        assert_eq!(*line, Some(4), "{code}: {error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("`code` takes exactly one of `directory` or `zip_file`"),
+            "{code}: {message}"
+        );
+        assert!(message.contains(problem), "{code}: {message}");
+    }
+}

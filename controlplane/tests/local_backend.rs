@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,8 @@ fn web_script(before: &str) -> String {
 }
 
 struct Fixture {
-    _root: TempDir,
+    /// The temporary root, removed when dropped, or `None` when another process owns the root.
+    _root: Option<TempDir>,
     root: PathBuf,
     code_dir: PathBuf,
     function_dir: PathBuf,
@@ -36,15 +38,19 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let root_dir = tempfile::tempdir().expect("create temp dir");
-        let root = root_dir.path().to_path_buf();
-        let code_dir = root.join("code");
-        let function_dir = root.join("functions");
-        std::fs::create_dir_all(&code_dir).expect("create code dir");
+        let mut fixture = Self::at(root_dir.path().to_path_buf());
+        std::fs::create_dir_all(&fixture.code_dir).expect("create code dir");
+        fixture._root = Some(root_dir);
+        fixture
+    }
+
+    /// Uses the directories of a fixture that another process created under `root`.
+    fn at(root: PathBuf) -> Self {
         Self {
-            _root: root_dir,
+            _root: None,
+            code_dir: root.join("code"),
+            function_dir: root.join("functions"),
             root,
-            code_dir,
-            function_dir,
         }
     }
 
@@ -139,10 +145,15 @@ async fn start_err(backend: &LocalBackend, request: StartRequest) -> InstanceFai
 
 /// Sends `GET /` over HTTP/1.0 and returns the whole response.
 async fn http_get(addr: SocketAddr) -> String {
+    http_get_path(addr, "/").await
+}
+
+/// Sends `GET <path>` over HTTP/1.0 and returns the whole response.
+async fn http_get_path(addr: SocketAddr, path: &str) -> String {
     bounded("HTTP GET", async {
         let mut stream = TcpStream::connect(addr).await.expect("connect to instance");
         stream
-            .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
             .await
             .expect("send request");
         let mut response = Vec::new();
@@ -321,6 +332,26 @@ async fn local_failing_bootstrap_reports_exit_and_tail() {
     assert!(
         log.lines().any(|line| line.ends_with(" stderr boom")),
         "{log}"
+    );
+}
+
+#[tokio::test]
+async fn local_failure_message_is_one_line() {
+    let fixture = Fixture::new();
+    fixture.write_code_script(
+        "scf_bootstrap",
+        "echo 'first line'\necho\necho 'second line'\nexit 1\n",
+    );
+    let backend = fixture.backend();
+
+    let failure = start_err(&backend, fixture.request(fixture.web_spec(), 19)).await;
+    let InstanceFailure::Exited { output_tail, .. } = &failure else {
+        panic!("expected Exited, got {failure:?}");
+    };
+    assert_eq!(output_tail, "first line\n\nsecond line");
+    assert_eq!(
+        failure.to_string(),
+        "bootstrap exited with exit status 1; last output: first line | second line"
     );
 }
 
@@ -556,6 +587,7 @@ async fn local_platform_env_is_not_passed() {
     let expected = [
         "GREETING=hello from env".to_owned(),
         format!("PORT={port}"),
+        "FNGATE_INSTANCE_IP=127.0.0.1".to_owned(),
         "SCF_FUNCTIONNAME=testfn".to_owned(),
         "SCF_NAMESPACE=testns".to_owned(),
         "SCF_FUNCTIONVERSION=$LATEST".to_owned(),
@@ -643,10 +675,12 @@ async fn local_custom_runtime_starts_wrapper() {
         for line in expected {
             assert!(env.contains(&line), "missing {line:?} in {env:?}");
         }
-        assert!(
-            !env.iter().any(|line| line.starts_with("PORT=")),
-            "PORT set for the wrapper: {env:?}"
-        );
+        for name in ["PORT=", "FNGATE_INSTANCE_IP="] {
+            assert!(
+                !env.iter().any(|line| line.starts_with(name)),
+                "{name} set for the wrapper: {env:?}"
+            );
+        }
     }
 }
 
@@ -722,4 +756,159 @@ async fn local_invalid_function_name_is_spawn_error() {
         panic!("expected Spawn, got {failure:?}");
     };
     assert!(message.contains("invalid function name"), "{message}");
+}
+
+/// Returns the IPv4 addresses of the TCP sockets that listen on `port`, from `/proc/net/tcp`.
+/// That file shows each address as the hex digits of a `u32` in host byte order, and the
+/// listening state as `0A`.
+fn listening_ipv4_addresses(port: u16) -> Vec<Ipv4Addr> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1)?;
+            let state = fields.nth(1)?;
+            let (address, local_port) = local.split_once(':')?;
+            if state != "0A" || u16::from_str_radix(local_port, 16).ok()? != port {
+                return None;
+            }
+            let raw = u32::from_str_radix(address, 16).ok()?;
+            Some(Ipv4Addr::from(raw.to_ne_bytes()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn local_examples_listen_on_instance_ip() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let second_loopback = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let mut bind_ips = vec![second_loopback];
+    if std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok() {
+        bind_ips.push(IpAddr::V6(Ipv6Addr::LOCALHOST));
+    } else {
+        eprintln!("IPv6 loopback is unavailable; testing the examples on IPv4 only");
+    }
+    let cases = [
+        ("hello-web", FunctionKind::Web, "/", "200"),
+        ("hello-image", FunctionKind::Event, "/healthz", "200"),
+    ];
+
+    for bind_ip in bind_ips {
+        for (example, kind, path, expected_status) in cases {
+            let fixture = Fixture::new();
+            let mut config =
+                LocalBackendConfig::new(&fixture.function_dir, fixture.root.join("no-wrapper"));
+            config.bind_ip = bind_ip;
+            let backend = LocalBackend::new(config);
+            let request = StartRequest {
+                instance_id: 21,
+                function: Arc::new(fixture.spec(kind, EventRuntime::Image)),
+                code_dir: examples.join(example),
+            };
+
+            let instance = start_ok(&backend, request).await;
+            let addr = instance.addr();
+            let response = http_get_path(addr, path).await;
+            let listening = listening_ipv4_addresses(addr.port());
+            bounded("stop", instance.stop(Duration::from_secs(10))).await;
+
+            assert_eq!(addr.ip(), bind_ip, "{example}");
+            let status_line = response.lines().next().unwrap_or_default();
+            assert!(
+                status_line.contains(expected_status),
+                "{example} on {bind_ip}: {response}"
+            );
+            if bind_ip == second_loopback {
+                assert_eq!(
+                    listening,
+                    [Ipv4Addr::new(127, 0, 0, 2)],
+                    "{example} must listen only on FNGATE_INSTANCE_IP"
+                );
+            }
+        }
+    }
+}
+
+/// Root of the fixture for [`local_backend_in_child_process`], set by the parent test.
+const CHILD_ROOT_ENV: &str = "FNGATE_TEST_BACKEND_CHILD_ROOT";
+
+/// Starts a web instance and waits until the process is killed. Only
+/// `local_instance_dies_with_killed_parent` runs it, in a child process with
+/// [`CHILD_ROOT_ENV`] set.
+#[tokio::test]
+#[ignore = "the child process of local_instance_dies_with_killed_parent"]
+async fn local_backend_in_child_process() {
+    let Some(root) = std::env::var_os(CHILD_ROOT_ENV) else {
+        eprintln!("{CHILD_ROOT_ENV} is not set; nothing to do outside local_instance_dies_with_killed_parent");
+        return;
+    };
+    let fixture = Fixture::at(PathBuf::from(root));
+    let backend = fixture.backend();
+    let _instance = start_ok(&backend, fixture.request(fixture.web_spec(), 22)).await;
+    std::future::pending::<()>().await;
+}
+
+/// Returns the parent process id of `pid` from `/proc/<pid>/stat`.
+fn parent_pid(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|error| panic!("read /proc/{pid}/stat: {error}"));
+    // The fields after the parenthesised command name are the state, then the parent id.
+    let (_, rest) = stat.rsplit_once(')').expect("stat has a command name");
+    rest.split_whitespace()
+        .nth(1)
+        .and_then(|field| field.parse().ok())
+        .unwrap_or_else(|| panic!("no parent id in {stat:?}"))
+}
+
+#[tokio::test]
+async fn local_instance_dies_with_killed_parent() {
+    let fixture = Fixture::new();
+    let pid_file = fixture.root.join("bootstrap.pid");
+    fixture.write_code_script(
+        "scf_bootstrap",
+        &web_script(&write_file_atomically("$$", &pid_file)),
+    );
+
+    // This test binary, run again, plays fngate: its backend spawns the instance.
+    let test_binary = std::env::current_exe().expect("path of this test binary");
+    let mut parent = tokio::process::Command::new(test_binary)
+        .args([
+            "local_backend_in_child_process",
+            "--exact",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ROOT_ENV, &fixture.root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the child process");
+    let parent_id = parent.id().expect("the child process has a pid");
+
+    let pid = read_pid_file(&pid_file).await;
+    assert_eq!(
+        u32::try_from(parent_pid(pid)).ok(),
+        Some(parent_id),
+        "the instance is not a child of the child process"
+    );
+
+    parent.kill().await.expect("SIGKILL the child process");
+    let exited = tokio::time::timeout(BOUND, async {
+        while !process_exited(pid) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .is_ok();
+    if !exited {
+        // SAFETY: kill(2) reads no memory of ours; `pid` is the instance this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert!(
+        exited,
+        "instance {pid} still runs {BOUND:?} after the process that spawned it was killed"
+    );
 }

@@ -51,6 +51,10 @@ pub enum ProxyError {
     ResponseTooLarge { function: String, limit: u64 },
     #[error("the proxy is shutting down; retry on another replica")]
     ShuttingDown,
+    #[error("the request body did not arrive within {}s", timeout.as_secs())]
+    BodyReadTimeout { timeout: Duration },
+    #[error("internal error: {what}")]
+    Internal { what: String },
 }
 
 impl ProxyError {
@@ -118,6 +122,16 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ShuttingDown",
                 Outcome::NoInstance,
+            ),
+            BodyReadTimeout { .. } => (
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeout",
+                Outcome::BadRequest,
+            ),
+            Internal { .. } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                Outcome::UpstreamFailed,
             ),
         }
     }

@@ -7,15 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::{ProxyBody, WebBody};
 use crate::error::ProxyError;
-use crate::headers::{self, FUNCTION_ERROR, REQUEST_ID, RUNTIME_ERROR, SERVER_TIMING};
-use crate::instance::InstanceState;
+use crate::headers::{self, REQUEST_ID, SERVER_TIMING};
+use crate::instance::{Instance, InstanceState};
 use crate::metrics::Outcome;
 use crate::pool::{AcquireError, Permit};
 use crate::route::{self, Route};
@@ -24,13 +24,7 @@ use crate::upstream::{self, SendError, Sender, UpstreamBody};
 use crate::Invocation;
 
 /// Sends to another instance at most this many times after an instance was unreachable.
-const MAX_RETRIES: usize = 3;
-
-/// Largest event function response read into memory, as SCF's 6 MB response limit.
-const MAX_EVENT_RESPONSE_BYTES: usize = 6 * 1024 * 1024;
-
-/// Longest error text from a function that is copied into an error message.
-const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+pub(crate) const MAX_RETRIES: usize = 3;
 
 /// The data plane's request handler, shared by every connection.
 #[derive(Debug)]
@@ -62,6 +56,13 @@ impl Proxy {
     /// True while the table is synced and no shutdown started.
     pub fn is_ready(&self) -> bool {
         self.router.is_synced() && !self.shutting_down.load(SeqCst)
+    }
+
+    /// Fails every queued request with 503 `ShuttingDown`.
+    pub fn fail_queued(&self) {
+        for function in self.router.table().functions() {
+            function.pool.fail_waiters(&AcquireError::ShuttingDown);
+        }
     }
 
     /// Makes new requests fail with 503 while in-flight ones finish.
@@ -104,7 +105,7 @@ impl Proxy {
                 let function = self.router.lookup(namespace, function, &qualifier)?;
                 require_kind(&function, FunctionKind::Event)?;
                 let invocation = Invocation::new(Arc::clone(&function));
-                let result = self.invoke_event(&function, request, request_id).await;
+                let result = crate::event::invoke(&function, request, request_id).await;
                 finish_on_error(invocation, result)
             }
             Route::Web {
@@ -127,61 +128,6 @@ impl Proxy {
                 .await
             }
         }
-    }
-
-    async fn invoke_event(
-        &self,
-        function: &Arc<Function>,
-        request: Request<Incoming>,
-        request_id: &str,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        if request.method() != Method::POST {
-            return Err(ProxyError::MethodNotAllowed {
-                method: request.method().to_string(),
-                path: request.uri().path().to_owned(),
-                allowed: "POST",
-            });
-        }
-        let settings = function.settings();
-        let event = read_event(request, settings.max_body_bytes).await?;
-
-        let mut upstream = Request::new(Either::Left(Full::new(event)));
-        *upstream.method_mut() = Method::POST;
-        *upstream.uri_mut() = Uri::from_static("/event-invoke");
-        let upstream_headers = upstream.headers_mut();
-        upstream_headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers::set_scf_headers(upstream_headers, request_id, &function.key, &settings);
-
-        let dispatched = self.dispatch(function, &settings, upstream).await?;
-        let Dispatched {
-            response,
-            sender,
-            permit,
-            execution_deadline,
-        } = dispatched;
-        let timing = server_timing(function, &permit);
-        let (parts, body) = response.into_parts();
-        let limited = Limited::new(body, MAX_EVENT_RESPONSE_BYTES);
-        let collected = tokio::time::timeout_at(execution_deadline, limited.collect()).await;
-        let body = match collected {
-            Err(_) => return Err(timeout_error(function, &settings)),
-            Ok(Err(error)) if error.is::<LengthLimitError>() => {
-                return Err(ProxyError::ResponseTooLarge {
-                    function: function.key.to_string(),
-                    limit: MAX_EVENT_RESPONSE_BYTES as u64,
-                })
-            }
-            Ok(Err(error)) => {
-                return Err(upstream_failed(function, &permit, &error.to_string()));
-            }
-            Ok(Ok(collected)) => collected.to_bytes(),
-        };
-        permit.instance().conns.put(sender);
-        drop(permit);
-        event_response(function, &settings, parts, body, timing)
     }
 
     async fn invoke_web(
@@ -268,14 +214,7 @@ impl Proxy {
         let queue_deadline = Instant::now() + settings.queue_budget;
         let mut last_cause = String::new();
         for _ in 0..=MAX_RETRIES {
-            let budget = queue_deadline.saturating_duration_since(Instant::now());
-            let permit = match function.pool.acquire(budget).await {
-                Ok(permit) => permit,
-                Err(error) => return Err(acquire_error(function, settings, error, &last_cause)),
-            };
-            if let Some(waited) = permit.queued_for() {
-                function.metrics.record_queue_wait(waited);
-            }
+            let permit = acquire(function, settings, queue_deadline, &last_cause).await?;
             let execution_deadline = Instant::now() + settings.timeout;
             let instance = Arc::clone(permit.instance());
             let sent =
@@ -291,6 +230,11 @@ impl Proxy {
                         execution_deadline,
                     })
                 }
+                Ok(Err(SendError::Failed(error))) if exceeded_body_limit(&error) => {
+                    return Err(ProxyError::BodyTooLarge {
+                        limit: settings.max_body_bytes,
+                    })
+                }
                 Ok(Err(SendError::Failed(error))) => {
                     return Err(upstream_failed(function, &permit, &error.to_string()))
                 }
@@ -298,12 +242,7 @@ impl Proxy {
                     request: unsent,
                     cause,
                 })) => {
-                    tracing::warn!(function = %function.key, instance = instance.id(), %cause,
-                        "instance unreachable; taking it out of routing and retrying elsewhere");
-                    function
-                        .pool
-                        .remove_instance(instance.id(), InstanceState::Failed);
-                    function.pool.notify_demand();
+                    fail_instance(function, &instance, &cause);
                     function.metrics.record_retry();
                     drop(permit);
                     request = *unsent;
@@ -311,13 +250,57 @@ impl Proxy {
                 }
             }
         }
-        Err(ProxyError::NoInstance {
-            function: function.key.to_string(),
-            message: format!(
-                "no reachable instance after {} attempts; last error: {last_cause}",
-                MAX_RETRIES + 1
-            ),
-        })
+        Err(retries_exhausted(function, &last_cause))
+    }
+}
+
+/// True when sending failed because the streamed request body passed the function's limit.
+fn exceeded_body_limit(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<LengthLimitError>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// Takes a slot before `queue_deadline`, recording the time spent queued.
+pub(crate) async fn acquire(
+    function: &Arc<Function>,
+    settings: &FunctionSettings,
+    queue_deadline: Instant,
+    last_cause: &str,
+) -> Result<Permit, ProxyError> {
+    let budget = queue_deadline.saturating_duration_since(Instant::now());
+    let permit = match function.pool.acquire(budget).await {
+        Ok(permit) => permit,
+        Err(error) => return Err(acquire_error(function, settings, error, last_cause)),
+    };
+    if let Some(waited) = permit.queued_for() {
+        function.metrics.record_queue_wait(waited);
+    }
+    Ok(permit)
+}
+
+/// Takes an instance out of routing and wakes the scaler, which stops and replaces it.
+pub(crate) fn fail_instance(function: &Function, instance: &Instance, cause: &str) {
+    tracing::warn!(function = %function.key, instance = instance.id(), %cause,
+        "taking instance out of routing");
+    function
+        .pool
+        .remove_instance(instance.id(), InstanceState::Failed);
+    function.pool.notify_demand();
+}
+
+pub(crate) fn retries_exhausted(function: &Function, last_cause: &str) -> ProxyError {
+    ProxyError::NoInstance {
+        function: function.key.to_string(),
+        message: format!(
+            "no instance took the request after {} attempts; last error: {last_cause}",
+            MAX_RETRIES + 1
+        ),
     }
 }
 
@@ -343,7 +326,7 @@ fn require_kind(function: &Function, expected: FunctionKind) -> Result<(), Proxy
 }
 
 /// Records the outcome of a failed invocation and passes the result on.
-fn finish_on_error(
+pub(crate) fn finish_on_error(
     invocation: Invocation,
     result: Result<Response<ProxyBody>, ProxyError>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -355,44 +338,13 @@ fn finish_on_error(
     result
 }
 
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?
         .to_str()
         .ok()?
         .parse()
         .ok()
-}
-
-/// Reads an event body up to `limit` bytes and checks that it is JSON. An empty body is `{}`.
-async fn read_event(request: Request<Incoming>, limit: u64) -> Result<Bytes, ProxyError> {
-    if content_length(request.headers()).is_some_and(|len| len > limit) {
-        return Err(ProxyError::BodyTooLarge { limit });
-    }
-    let limited = Limited::new(
-        request.into_body(),
-        usize::try_from(limit).unwrap_or(usize::MAX),
-    );
-    let body = match limited.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.is::<LengthLimitError>() => {
-            return Err(ProxyError::BodyTooLarge { limit })
-        }
-        Err(error) => {
-            return Err(ProxyError::InvalidRequest(format!(
-                "failed to read the request body: {error}"
-            )))
-        }
-    };
-    if body.is_empty() {
-        return Ok(Bytes::from_static(b"{}"));
-    }
-    if let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
-        return Err(ProxyError::InvalidRequest(format!(
-            "request body is not valid JSON ({error}); send the event as a JSON document"
-        )));
-    }
-    Ok(body)
 }
 
 fn upstream_uri(rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
@@ -405,60 +357,7 @@ fn upstream_uri(rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
         .map_err(|error| ProxyError::InvalidRequest(format!("invalid request path: {error}")))
 }
 
-/// Maps an event function's response. A 2xx passes through as 200, the runtime wrapper's own
-/// failures keep their meaning, and any other status is the function's error.
-fn event_response(
-    function: &Function,
-    settings: &FunctionSettings,
-    parts: http::response::Parts,
-    body: Bytes,
-    timing: Option<HeaderValue>,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    if let Some(runtime_error) = parts.headers.get(RUNTIME_ERROR) {
-        return Err(match runtime_error.as_bytes() {
-            b"TimeLimitReached" => timeout_error(function, settings),
-            _ => ProxyError::UpstreamFailed {
-                function: function.key.to_string(),
-                instance: 0,
-                cause: truncated_text(&body),
-            },
-        });
-    }
-    if !parts.status.is_success() {
-        let kind = parts
-            .headers
-            .get(FUNCTION_ERROR)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("status");
-        let message = format!(
-            "{kind} {}: {}",
-            parts.status.as_u16(),
-            truncated_text(&body)
-        );
-        return Err(ProxyError::UserCode {
-            function: function.key.to_string(),
-            message,
-        });
-    }
-    let mut response = Response::new(Either::Left(Full::new(body)));
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .cloned()
-        .unwrap_or(HeaderValue::from_static("application/json"));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, content_type);
-    add_timing(&mut response, timing);
-    Ok(response)
-}
-
-fn truncated_text(body: &[u8]) -> String {
-    let end = body.len().min(MAX_ERROR_MESSAGE_BYTES);
-    String::from_utf8_lossy(&body[..end]).trim().to_owned()
-}
-
-fn acquire_error(
+pub(crate) fn acquire_error(
     function: &Function,
     settings: &FunctionSettings,
     error: AcquireError,
@@ -485,6 +384,10 @@ fn acquire_error(
             .to_string();
             match last_start_failure {
                 Some(reason) => message.push_str(&format!("; last start failure: {reason}")),
+                None if function.pool.capacity_note().is_some() => {
+                    let note = function.pool.capacity_note().unwrap_or_default();
+                    message.push_str(&format!("; {note}"));
+                }
                 None if !last_cause.is_empty() => {
                     message.push_str(&format!("; last error: {last_cause}"))
                 }
@@ -495,6 +398,7 @@ fn acquire_error(
                 message,
             }
         }
+        AcquireError::ShuttingDown => ProxyError::ShuttingDown,
         AcquireError::Removed => ProxyError::NoInstance {
             function: name,
             message: "the function was removed while the request waited".to_owned(),
@@ -502,14 +406,14 @@ fn acquire_error(
     }
 }
 
-fn timeout_error(function: &Function, settings: &FunctionSettings) -> ProxyError {
+pub(crate) fn timeout_error(function: &Function, settings: &FunctionSettings) -> ProxyError {
     ProxyError::Timeout {
         function: function.key.to_string(),
         timeout: settings.timeout,
     }
 }
 
-fn upstream_failed(function: &Function, permit: &Permit, cause: &str) -> ProxyError {
+pub(crate) fn upstream_failed(function: &Function, permit: &Permit, cause: &str) -> ProxyError {
     ProxyError::UpstreamFailed {
         function: function.key.to_string(),
         instance: permit.instance().id(),
@@ -519,7 +423,7 @@ fn upstream_failed(function: &Function, permit: &Permit, cause: &str) -> ProxyEr
 
 /// `Server-Timing` value for a request that waited for a slot: time queued, and the instance's
 /// boot time when this request is the first it serves (a cold start).
-fn server_timing(function: &Function, permit: &Permit) -> Option<HeaderValue> {
+pub(crate) fn server_timing(function: &Function, permit: &Permit) -> Option<HeaderValue> {
     let first_use = permit.instance().take_first_use();
     let queued = permit.queued_for()?;
     let mut value = format!("queue;dur={:.3}", millis(queued));
@@ -533,7 +437,7 @@ fn server_timing(function: &Function, permit: &Permit) -> Option<HeaderValue> {
     HeaderValue::from_str(&value).ok()
 }
 
-fn add_timing(response: &mut Response<ProxyBody>, timing: Option<HeaderValue>) {
+pub(crate) fn add_timing(response: &mut Response<ProxyBody>, timing: Option<HeaderValue>) {
     if let Some(timing) = timing {
         response.headers_mut().insert(SERVER_TIMING, timing);
     }

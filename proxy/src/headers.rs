@@ -12,6 +12,9 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 pub const FUNCTION_ERROR: HeaderName = HeaderName::from_static("x-fngate-function-error");
 pub const RUNTIME_ERROR: HeaderName = HeaderName::from_static("x-fngate-runtime-error");
+/// Set to `true` by the runtime wrapper when the bootstrap never received the event, so the
+/// invocation may go to another instance.
+pub const NOT_STARTED: HeaderName = HeaderName::from_static("x-fngate-not-started");
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

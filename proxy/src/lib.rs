@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod body;
 pub mod error;
+mod event;
 pub mod handler;
 pub mod headers;
 pub mod instance;

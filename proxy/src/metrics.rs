@@ -120,7 +120,10 @@ pub fn install_recorder() -> PrometheusHandle {
                 .set_buckets(&buckets)
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
-                Ok(handle) => handle,
+                Ok(handle) => {
+                    describe();
+                    handle
+                }
                 // Another recorder is installed (in tests); render from a detached one.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             }
@@ -137,6 +140,44 @@ pub(crate) fn zero_pool_gauges(key: &FunctionKey) {
     for name in [QUEUE_DEPTH, IN_FLIGHT, ROUTABLE_INSTANCES] {
         gauge!(name, &labels).set(0.0);
     }
+}
+
+/// Registers the `# HELP` text of every metric fngate records.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(INVOCATIONS, "Invocations by function and outcome.");
+    describe_histogram!(
+        INVOCATION_DURATION,
+        Unit::Seconds,
+        "Time from routing to the end of the response."
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "Time requests spent waiting for a slot."
+    );
+    describe_counter!(
+        COLD_STARTS,
+        "Requests that waited for a new instance and were its first."
+    );
+    describe_gauge!(QUEUE_DEPTH, "Requests waiting for a slot.");
+    describe_gauge!(IN_FLIGHT, "Requests holding a slot.");
+    describe_gauge!(ROUTABLE_INSTANCES, "Instances taking requests.");
+    describe_counter!(
+        UPSTREAM_RETRIES,
+        "Requests moved to another instance because the first never received them."
+    );
+    describe_gauge!("fngate_instances", "Instances by state.");
+    describe_counter!("fngate_instance_starts_total", "Instance starts by result.");
+    describe_histogram!(
+        "fngate_instance_boot_seconds",
+        Unit::Seconds,
+        "Time from an instance's start to its port answering."
+    );
+    describe_counter!(
+        "fngate_instance_exits_total",
+        "Instances that exited without being asked to."
+    );
 }
 
 /// Copies pool state into gauges just before a scrape.

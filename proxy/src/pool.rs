@@ -45,6 +45,9 @@ pub enum AcquireError {
     /// The function was removed while the request waited.
     #[error("function was removed")]
     Removed,
+    /// The proxy is shutting down and its grace period ran out.
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
 }
 
 /// A start failure the scaler reported, with the end of its back-off.
@@ -96,6 +99,8 @@ pub struct Pool {
     in_flight: AtomicUsize,
     queue_limit: AtomicUsize,
     start_failure: ArcSwapOption<StartFailure>,
+    /// Why the scaler cannot add capacity right now, for the queue-budget error message.
+    capacity_note: ArcSwapOption<String>,
     demand_changed: Notify,
 }
 
@@ -165,6 +170,7 @@ impl Pool {
             in_flight: AtomicUsize::new(0),
             queue_limit: AtomicUsize::new(queue_limit),
             start_failure: ArcSwapOption::empty(),
+            capacity_note: ArcSwapOption::empty(),
             demand_changed: Notify::new(),
         })
     }
@@ -398,7 +404,16 @@ impl Pool {
         }
     }
 
-    /// The last recorded start failure, if any.
+    /// Sets or clears the reason the scaler cannot add instances, such as an exhausted quota.
+    pub fn set_capacity_note(&self, note: Option<String>) {
+        self.capacity_note.store(note.map(Arc::new));
+    }
+
+    pub fn capacity_note(&self) -> Option<String> {
+        self.capacity_note.load().as_deref().cloned()
+    }
+
+    /// Returns the last recorded start failure, if any.
     pub fn start_failure(&self) -> Option<StartFailure> {
         self.start_failure.load().as_deref().cloned()
     }

@@ -66,7 +66,14 @@ pub fn qualifier(query: Option<&str>) -> Result<String, ProxyError> {
     let Some(query) = query else {
         return Ok(DEFAULT_QUALIFIER.to_owned());
     };
-    match form_urlencoded::parse(query.as_bytes()).find(|(key, _)| key == "qualifier") {
+    let mut values = form_urlencoded::parse(query.as_bytes()).filter(|(key, _)| key == "qualifier");
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ProxyError::InvalidRequest(
+            "query parameter qualifier is given more than once; name one version".into(),
+        ));
+    }
+    match first {
         None => Ok(DEFAULT_QUALIFIER.to_owned()),
         Some((_, value)) if value.is_empty() => Err(ProxyError::InvalidRequest(
             "query parameter qualifier is empty; omit it for $LATEST or name a version".into(),
@@ -139,5 +146,6 @@ mod tests {
         assert_eq!(qualifier(Some("qualifier=%24LATEST")).unwrap(), "$LATEST");
         assert_eq!(qualifier(Some("qualifier=v2")).unwrap(), "v2");
         assert!(qualifier(Some("qualifier=")).is_err());
+        assert!(qualifier(Some("qualifier=v1&qualifier=v2")).is_err());
     }
 }

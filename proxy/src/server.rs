@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
@@ -17,6 +17,13 @@ use crate::handler::Proxy;
 
 /// Pending connections the kernel queues before `accept`.
 const LISTEN_BACKLOG: i32 = 1024;
+
+/// How long a client may take to send request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// After the shutdown grace period, how long queued requests get to send their 503 before
+/// every remaining connection is closed.
+const FORCE_CLOSE_DELAY: Duration = Duration::from_secs(1);
 
 /// Binds a TCP listener with `SO_REUSEADDR`, so a restarted proxy can bind while old
 /// connections sit in TIME_WAIT.
@@ -29,8 +36,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Serves the proxy on `listener` until `shutdown` resolves, then stops accepting, lets open
-/// requests finish for up to `grace`, and returns.
+/// Serves the proxy on `listener` until `shutdown` resolves, then stops accepting and lets open
+/// requests finish for up to `grace`. After that, queued requests get 503 and every connection
+/// still open is closed.
 pub async fn serve_proxy(
     listener: TcpListener,
     proxy: Arc<Proxy>,
@@ -40,6 +48,7 @@ pub async fn serve_proxy(
     // Each connection task holds a clone of `open_tx`; `open_rx` yields `None` once all closed.
     let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (force_tx, force_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let (stream, client) = tokio::select! {
@@ -61,21 +70,27 @@ pub async fn serve_proxy(
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(client, request).await) }
         });
         let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         let open = open_tx.clone();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let force = force_rx.clone();
         tokio::spawn(async move {
             tokio::pin!(connection);
             let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = async { let _ = stop.wait_for(|stop| *stop).await; } => {
+                result = connection.as_mut() => Some(result),
+                () = flag_set(stop) => {
                     // Finishes the request in flight, then closes instead of keeping alive.
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    tokio::select! {
+                        result = connection.as_mut() => Some(result),
+                        () = flag_set(force) => None,
+                    }
                 }
             };
-            if let Err(error) = result {
+            if let Some(Err(error)) = result {
                 tracing::debug!(%client, %error, "client connection ended with an error");
             }
             drop(open);
@@ -88,9 +103,17 @@ pub async fn serve_proxy(
     if tokio::time::timeout(grace, open_rx.recv()).await.is_err() {
         tracing::warn!(
             grace_ms = grace.as_millis() as u64,
-            "connections still open after the shutdown grace period; closing them"
+            "connections still open after the shutdown grace period; failing queued requests and closing connections"
         );
+        proxy.fail_queued();
+        let _ = tokio::time::timeout(FORCE_CLOSE_DELAY, open_rx.recv()).await;
+        let _ = force_tx.send(true);
     }
+}
+
+/// Resolves once the flag is true, or at once when its sender is gone.
+async fn flag_set(mut flag: tokio::sync::watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` resolves.

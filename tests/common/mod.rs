@@ -141,8 +141,13 @@ impl Fngate {
         Fngate::start_with_file(dir, &config)
     }
 
-    /// Starts fngate with an existing platform file; `dir` holds its data and logs.
+    /// Starts fngate with an existing platform file; `dir` contains its data and logs.
     pub fn start_with_file(dir: tempfile::TempDir, config: &Path) -> Fngate {
+        Fngate::start_with_grace(dir, config, 5000)
+    }
+
+    /// Starts fngate with a platform file and a shutdown grace period in milliseconds.
+    pub fn start_with_grace(dir: tempfile::TempDir, config: &Path, grace_ms: u64) -> Fngate {
         let stderr_path = dir.path().join("fngate.stderr");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_fngate"))
@@ -150,7 +155,8 @@ impl Fngate {
             .arg("--config")
             .arg(config)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(["--api-listen", "127.0.0.1:0", "--shutdown-grace-ms", "5000"])
+            .args(["--api-listen", "127.0.0.1:0"])
+            .args(["--shutdown-grace-ms", &grace_ms.to_string()])
             .arg("--function-dir")
             .arg(dir.path().join("data"))
             .arg("--runtime-wrapper")

@@ -68,10 +68,28 @@ pub(crate) fn function_spec(
 }
 
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, PlatformError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    let Some(&first) = body.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Err(PlatformError::invalid(
             "body",
             "is empty; send the spec as a JSON object",
+        ));
+    };
+    // serde would decode a struct from an array of its fields in order, and report a wrong
+    // length in terms of the struct's field count, so anything but an object is rejected here.
+    let other = match first {
+        b'{' => None,
+        b'[' => Some("an array"),
+        b'"' => Some("a string"),
+        b't' | b'f' => Some("a boolean"),
+        b'n' => Some("null"),
+        b'-' | b'0'..=b'9' => Some("a number"),
+        // Not JSON at all: serde_json's message gives the position.
+        _ => None,
+    };
+    if let Some(other) = other {
+        return Err(PlatformError::invalid(
+            "body",
+            format!("must be a JSON object with the spec's fields, got {other}"),
         ));
     }
     // serde_json's message names the problem and its line and column.
@@ -173,6 +191,78 @@ mod tests {
         assert_eq!(field, "body");
         assert!(message.contains("invalid type"), "{message}");
         assert!(message.contains("column"), "{message}");
+    }
+
+    #[test]
+    fn non_object_body_rejected() {
+        let cases = [
+            ("[]", "an array"),
+            (" \n[\"default\", \"hello\"]", "an array"),
+            ("\"web\"", "a string"),
+            ("true", "a boolean"),
+            ("null", "null"),
+            ("-1", "a number"),
+            ("42", "a number"),
+        ];
+        for (body, kind) in cases {
+            let (field, message) = invalid_field(function_spec(body.as_bytes(), "a", "f"));
+            assert_eq!(field, "body", "{body}");
+            assert!(
+                message.contains("must be a JSON object"),
+                "{body}: {message}"
+            );
+            assert!(
+                message.contains(&format!("got {kind}")),
+                "{body}: {message}"
+            );
+            let (_, message) = invalid_field(namespace_spec(body.as_bytes(), "a"));
+            assert!(
+                message.contains("must be a JSON object"),
+                "{body}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn code_needs_exactly_one_source() {
+        let cases = [
+            (r#"{}"#, "got neither"),
+            (
+                r#"{"directory": "/a", "zip_file": "/b"}"#,
+                "got more than one",
+            ),
+            (
+                r#"{"directory": "/a", "directory": "/b"}"#,
+                "got more than one",
+            ),
+        ];
+        for (code, problem) in cases {
+            let body = format!(r#"{{"kind": "web", "code": {code}}}"#);
+            let (field, message) = invalid_field(function_spec(body.as_bytes(), "a", "f"));
+            assert_eq!(field, "body", "{code}");
+            assert!(
+                message.contains("`code` takes exactly one of `directory` or `zip_file`"),
+                "{code}: {message}"
+            );
+            assert!(message.contains(problem), "{code}: {message}");
+            assert!(message.contains("line 1 column"), "{code}: {message}");
+        }
+    }
+
+    #[test]
+    fn code_with_unknown_key_rejected() {
+        let body = br#"{"kind": "web", "code": {"dir": "/a"}}"#;
+        let (_, message) = invalid_field(function_spec(body, "a", "f"));
+        assert!(message.contains("unknown field `dir`"), "{message}");
+        assert!(
+            message.contains("expected `directory` or `zip_file`"),
+            "{message}"
+        );
+
+        let body = br#"{"kind": "web", "code": "/a"}"#;
+        let (_, message) = invalid_field(function_spec(body, "a", "f"));
+        assert!(message.contains("invalid type: string"), "{message}");
+        assert!(message.contains("`directory` or `zip_file`"), "{message}");
     }
 
     #[test]

@@ -272,6 +272,11 @@ async fn function_errors_mapped() {
             "unknown field `extra`",
         ),
         ("{\"kind\": \"web\",", "line 1 column"),
+        (
+            r#"{"kind": "web", "code": {}}"#,
+            "`code` takes exactly one of `directory` or `zip_file`",
+        ),
+        ("[]", "must be a JSON object"),
     ];
     for (body, expected) in cases {
         let (status, _, reply) = call(&control, Method::PUT, path, body).await;

@@ -39,10 +39,10 @@ fn write_zip(path: &Path, entries: &[Entry<'_>]) {
 
 fn resolve_zip_file(archive: &Path, function_dir: &Path) -> Result<PathBuf, PlatformError> {
     let source = CodeSource::ZipFile(archive.to_path_buf());
-    resolve(&source, function_dir, "default", "hello")
+    resolve(&source, function_dir, "default", "hello").map(|code| code.path)
 }
 
-fn code_message(result: Result<PathBuf, PlatformError>) -> String {
+fn code_message<T: std::fmt::Debug>(result: Result<T, PlatformError>) -> String {
     match result {
         Err(PlatformError::Code { message, .. }) => message,
         other => panic!("expected a Code error, got {other:?}"),
@@ -57,12 +57,52 @@ fn mode_of(path: &Path) -> String {
     )
 }
 
+/// Writes a zip with two stored entries named `name`, holding `first` and `second`.
+/// `ZipWriter` rejects a repeated name, so the second entry is written under a placeholder name
+/// of the same length, which is then replaced in the archive's bytes. No offset moves, and the
+/// CRC covers only the data, so the archive stays valid.
+fn write_zip_with_repeated_name(path: &Path, name: &str, first: &[u8], second: &[u8]) {
+    let placeholder = format!("{}~", &name[..name.len() - 1]);
+    assert_ne!(placeholder, name, "the name must not end with '~'");
+    let options = SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .unix_permissions(0o755);
+    let mut zip = ZipWriter::new(io::Cursor::new(Vec::new()));
+    zip.start_file(name, options).unwrap();
+    zip.write_all(first).unwrap();
+    zip.start_file(placeholder.as_str(), options).unwrap();
+    zip.write_all(second).unwrap();
+    let mut bytes = zip.finish().unwrap().into_inner();
+
+    let mut replaced = 0;
+    let placeholder = placeholder.as_bytes();
+    let mut at = 0;
+    while let Some(found) = bytes[at..]
+        .windows(placeholder.len())
+        .position(|window| window == placeholder)
+    {
+        let start = at + found;
+        bytes[start..start + placeholder.len()].copy_from_slice(name.as_bytes());
+        replaced += 1;
+        at = start + placeholder.len();
+    }
+    assert_eq!(
+        replaced, 2,
+        "the placeholder should appear in the local and the central header only"
+    );
+    fs::write(path, bytes).unwrap();
+}
+
 /// Lists the names in the function's `code` directory: the unpacked versions and any
-/// staging directory left behind.
+/// staging directory left behind. A missing `code` directory counts as empty.
 fn versions(function_dir: &Path) -> Vec<String> {
     let dir = function_dir.join("default/hello/code");
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => panic!("cannot list the code directory: {e}"),
+    };
+    let mut names: Vec<String> = entries
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
@@ -74,7 +114,9 @@ fn directory_source_canonicalized() {
     let tmp = tempfile::tempdir().unwrap();
     fs::create_dir(tmp.path().join("app")).unwrap();
     let source = CodeSource::Directory(tmp.path().join("./app/../app"));
-    let dir = resolve(&source, tmp.path(), "default", "hello").unwrap();
+    let dir = resolve(&source, tmp.path(), "default", "hello")
+        .unwrap()
+        .path;
     assert_eq!(dir, fs::canonicalize(tmp.path().join("app")).unwrap());
 }
 
@@ -212,6 +254,53 @@ fn zip_slip_rejected() {
 }
 
 #[test]
+fn rejected_zip_leaves_no_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.zip");
+    write_zip(&bad, &[Entry::File("../evil", 0o644, b"evil")]);
+    let function_dir = tmp.path().join("functions");
+    code_message(resolve_zip_file(&bad, &function_dir));
+    assert!(
+        !function_dir.join("default").exists(),
+        "namespace directory created for the rejected archive is removed"
+    );
+
+    // Directories that held a version before are kept.
+    let good = tmp.path().join("good.zip");
+    write_zip(&good, &[Entry::File("scf_bootstrap", 0o755, b"v1")]);
+    resolve_zip_file(&good, &function_dir).unwrap();
+    code_message(resolve_zip_file(&bad, &function_dir));
+    assert_eq!(versions(&function_dir).len(), 1);
+}
+
+#[test]
+fn discard_removes_only_new_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip(&archive, &[Entry::File("app.py", 0o644, b"print()")]);
+    let function_dir = tmp.path().join("functions");
+    let source = CodeSource::ZipFile(archive);
+
+    let code = resolve(&source, &function_dir, "default", "hello").unwrap();
+    code.discard();
+    assert!(
+        !function_dir.join("default").exists(),
+        "the version and the directories created for it are removed"
+    );
+
+    let path = resolve(&source, &function_dir, "default", "hello")
+        .unwrap()
+        .path;
+    let again = resolve(&source, &function_dir, "default", "hello").unwrap();
+    assert_eq!(again.path, path);
+    again.discard();
+    assert!(
+        path.join("app.py").is_file(),
+        "a version unpacked by an earlier resolve is kept"
+    );
+}
+
+#[test]
 fn inner_parent_dir_allowed() {
     let tmp = tempfile::tempdir().unwrap();
     let archive = tmp.path().join("app.zip");
@@ -276,6 +365,83 @@ fn symlink_below_symlink_rejected() {
         message.contains("passes through another symlink"),
         "{message}"
     );
+}
+
+#[test]
+fn repeated_entry_name_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip_with_repeated_name(
+        &archive,
+        "scf_bootstrap",
+        b"#!/bin/sh\n",
+        b"#!/bin/sh\nexit 1\n",
+    );
+    // The zip crate keeps one of the two, so it alone would unpack the archive without error.
+    let zip = ZipArchive::new(File::open(&archive).unwrap()).unwrap();
+    assert_eq!(zip.len(), 1);
+
+    let function_dir = tmp.path().join("functions");
+    let message = code_message(resolve_zip_file(&archive, &function_dir));
+    assert!(message.contains("\"scf_bootstrap\""), "{message}");
+    assert!(message.contains("appears twice"), "{message}");
+    assert!(
+        versions(&function_dir).is_empty(),
+        "staging directory removed"
+    );
+}
+
+#[test]
+fn entries_with_same_path_rejected() {
+    let cases: [(&[Entry<'_>], &str); 3] = [
+        (
+            &[
+                Entry::File("app.py", 0o644, b"a"),
+                Entry::File("./app.py", 0o644, b"b"),
+            ],
+            "\"app.py\" and \"./app.py\"",
+        ),
+        (
+            &[
+                Entry::File("lib/a", 0o644, b"a"),
+                Entry::Symlink("lib/../lib/a", "b"),
+            ],
+            "\"lib/a\" and \"lib/../lib/a\"",
+        ),
+        (
+            &[Entry::Dir("data/"), Entry::File("data", 0o644, b"d")],
+            "\"data/\" and \"data\"",
+        ),
+    ];
+    for (entries, names) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let archive = tmp.path().join("app.zip");
+        write_zip(&archive, entries);
+        let function_dir = tmp.path().join("functions");
+        let message = code_message(resolve_zip_file(&archive, &function_dir));
+        assert!(message.contains(names), "{names}: {message}");
+        assert!(message.contains("both unpack to"), "{names}: {message}");
+        assert!(
+            versions(&function_dir).is_empty(),
+            "{names}: staging removed"
+        );
+    }
+}
+
+#[test]
+fn repeated_directory_entries_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip(
+        &archive,
+        &[
+            Entry::Dir("lib/"),
+            Entry::Dir("./lib/"),
+            Entry::File("lib/a", 0o644, b"a"),
+        ],
+    );
+    let dir = resolve_zip_file(&archive, &tmp.path().join("functions")).unwrap();
+    assert_eq!(fs::read(dir.join("lib/a")).unwrap(), b"a");
 }
 
 #[test]

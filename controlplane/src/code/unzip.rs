@@ -1,12 +1,13 @@
 //! Unpacks a zip archive into a directory, defending against archives that would write
-//! outside it (absolute paths, `..`, symlinks) or exhaust the disk (zip bombs).
+//! outside it (absolute paths, `..`, symlinks), exhaust the disk (zip bombs), or contain two
+//! entries for one path, of which only one could be unpacked.
 //!
 //! Naming, staging and renaming the unpacked version is left to the parent module.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{self, BufReader, Read, Seek};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use zip::read::ZipFile;
@@ -35,12 +36,15 @@ pub(super) const LIMITS: Limits = Limits {
 /// Unpacks every entry of the archive under `root`. Symlinks are created last, so no file is
 /// ever written through one. Errors are messages about the archive, for `PlatformError::Code`.
 pub(super) fn unpack(file: File, root: &Path, limits: Limits) -> Result<(), String> {
-    let mut archive = ZipArchive::new(file)
+    let mut archive = ZipArchive::new(&file)
         .map_err(|e| format!("is not a valid zip archive ({e}); rebuild it with `zip -r`"))?;
     check_archive_size(&archive, limits)?;
+    check_duplicate_names(&file, &archive, limits)?;
 
     let mut budget = limits.max_bytes;
     let mut symlinks = Vec::new();
+    // Name and whether it is a directory, of the first entry for each unpacked path.
+    let mut claimed: HashMap<PathBuf, (String, bool)> = HashMap::new();
     for index in 0..archive.len() {
         let mut entry = archive
             .by_index(index)
@@ -55,8 +59,23 @@ pub(super) fn unpack(file: File, root: &Path, limits: Limits) -> Result<(), Stri
         if relative.as_os_str().is_empty() {
             continue;
         }
+        let is_dir = entry.is_dir();
+        match claimed.get(&relative) {
+            // Repeated directory entries, such as `a/` and `./a/`, create the same directory.
+            Some((_, true)) if is_dir => {}
+            Some((first, _)) => {
+                return Err(format!(
+                    "entries {first:?} and {:?} both unpack to {}; keep one of them",
+                    entry.name(),
+                    quoted(&relative)
+                ));
+            }
+            None => {
+                claimed.insert(relative.clone(), (entry.name().to_owned(), is_dir));
+            }
+        }
         let out = root.join(&relative);
-        if entry.is_dir() {
+        if is_dir {
             fs::create_dir_all(&out).map_err(|e| entry_io_error(&entry, e))?;
         } else if entry.is_symlink() {
             let mut target = String::new();
@@ -95,6 +114,93 @@ fn check_archive_size<R: Read + Seek>(
             limits.max_bytes
         )),
         _ => Ok(()),
+    }
+}
+
+/// Rejects an archive whose central directory lists one entry name twice. The zip crate (2.6)
+/// keys entries by name and keeps only the last of the repeats, so `ZipArchive` never shows
+/// them. This function reads the central directory records itself.
+fn check_duplicate_names(
+    file: &File,
+    archive: &ZipArchive<&File>,
+    limits: Limits,
+) -> Result<(), String> {
+    let unreadable = |e: io::Error| format!("central directory cannot be read: {e}");
+    let mut reader = BufReader::new(ReadAt {
+        file,
+        offset: archive.central_directory_start(),
+    });
+    let mut names: HashSet<Vec<u8>> = HashSet::new();
+    let mut records = 0usize;
+    while let Some(name) = next_central_name(&mut reader).map_err(unreadable)? {
+        records += 1;
+        if !names.insert(name.clone()) {
+            return Err(format!(
+                "entry {:?} appears twice in the archive; rebuild it so that each path appears \
+                 once",
+                String::from_utf8_lossy(&name)
+            ));
+        }
+        // `check_archive_size` bounded the distinct names; this bounds the walk.
+        if records > limits.max_entries {
+            break;
+        }
+    }
+    // The zip crate may decode two different byte strings to one name, for example through a
+    // Unicode path extra field, so count the records too.
+    if records > archive.len() {
+        return Err(format!(
+            "central directory has {records} entries but only {} distinct names, so some entry \
+             name appears twice; rebuild the archive so that each path appears once",
+            archive.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Signature of a central directory file header (APPNOTE.TXT 4.3.12), little-endian.
+const CENTRAL_HEADER_SIGNATURE: u32 = 0x0201_4b50;
+/// Length of a central directory file header before its variable-length fields.
+const CENTRAL_HEADER_LEN: usize = 46;
+
+/// Reads one central directory file header and returns its raw name, or None at the first
+/// record of another kind (the end of central directory record follows the last header).
+fn next_central_name(reader: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
+    let mut header = [0u8; CENTRAL_HEADER_LEN];
+    if let Err(e) = reader.read_exact(&mut header) {
+        return match e.kind() {
+            io::ErrorKind::UnexpectedEof => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let field = |at: usize| u16::from_le_bytes([header[at], header[at + 1]]);
+    let signature = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    if signature != CENTRAL_HEADER_SIGNATURE {
+        return Ok(None);
+    }
+    // Name, extra field and comment lengths sit at offsets 28, 30 and 32.
+    let mut name = vec![0u8; usize::from(field(28))];
+    reader.read_exact(&mut name)?;
+    let skip = u64::from(field(30)) + u64::from(field(32));
+    let skipped = io::copy(&mut reader.take(skip), &mut io::sink())?;
+    if skipped < skip {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(Some(name))
+}
+
+/// Reads a file from an offset with positioned reads, leaving the file's cursor to the
+/// `ZipArchive` that shares it.
+struct ReadAt<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.file.read_at(buf, self.offset)?;
+        self.offset += read as u64;
+        Ok(read)
     }
 }
 
@@ -139,7 +245,10 @@ pub(super) fn write_file<R: Read>(
         .open(out)
         .map_err(|e| match e.kind() {
             io::ErrorKind::AlreadyExists => {
-                format!("entry {:?} appears twice in the archive", entry.name())
+                format!(
+                    "entry {:?} cannot be unpacked: an earlier entry already created its path",
+                    entry.name()
+                )
             }
             _ => entry_io_error(entry, e),
         })?;

@@ -150,7 +150,11 @@ pub(super) fn build_env(
                 bootstrap.clone().into_os_string(),
             );
         }
-        None => set("PORT", addr.port().to_string()),
+        None => {
+            set("PORT", addr.port().to_string());
+            // The operator's bind address, so the server need not listen on every interface.
+            set("FNGATE_INSTANCE_IP", addr.ip().to_string());
+        }
     }
     env
 }

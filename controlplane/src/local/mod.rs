@@ -78,7 +78,8 @@ impl LocalBackend {
         match self.launch(&request, &label, started_at).await {
             Ok(instance) => Ok(Box::new(instance)),
             Err(failure) => {
-                tracing::warn!(
+                // The scaler logs the failure at warn level with its retry delay.
+                tracing::debug!(
                     function = %label.function,
                     instance = label.instance_id,
                     reason = %failure,
@@ -135,7 +136,7 @@ impl LocalBackend {
             instance = label.instance_id,
             pid = process.pid(),
             port = addr.port(),
-            boot_ms = boot_time.as_secs_f64() * 1_000.0,
+            boot_ms = boot_time.as_millis() as u64,
             "instance started"
         );
         Ok(LocalInstance {

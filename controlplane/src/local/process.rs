@@ -64,8 +64,16 @@ pub(super) struct SupervisedProcess {
 
 impl SupervisedProcess {
     /// Spawns `command` in a new process group and starts capturing its output into `log_file`.
+    /// The process gets SIGKILL when the spawning thread exits, so an fngate killed with
+    /// SIGKILL leaves no instance behind.
     ///
     /// `command` must have piped stdout and stderr.
+    ///
+    /// NOTE: the kernel sends that signal when the spawning *thread* exits, not only when fngate
+    /// exits. So this must run on a thread that lives as long as the process. Tokio runtime
+    /// worker threads do, and the scaler calls the backend from a `tokio::spawn`ed task. Threads
+    /// of `spawn_blocking`, which exit when idle, and workers that entered `block_in_place` do
+    /// not.
     pub(super) async fn spawn(
         command: &mut Command,
         log_file: tokio::fs::File,
@@ -73,6 +81,24 @@ impl SupervisedProcess {
         label: InstanceLabel,
     ) -> io::Result<Self> {
         command.process_group(0).kill_on_drop(true);
+        let fngate_pid = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec, where only
+        // async-signal-safe functions may be called. It calls only prctl(2) and getppid(2),
+        // which are plain system calls, and it neither allocates nor takes locks.
+        // PR_SET_PDEATHSIG reads one integer, passed as the unsigned long the kernel expects.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // A parent that died before prctl took effect never sends the signal, and a
+                // changed parent id shows that. Failing the spawn is then the safe choice.
+                if std::os::unix::process::parent_id() != fngate_pid {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
         let mut child = spawn_retrying_busy_text(command).await?;
         let pgid = child
             .id()
