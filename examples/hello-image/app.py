@@ -1,12 +1,13 @@
 """An image-style event function on the Python standard library.
 
-It responds to POST /event-invoke on 0.0.0.0:$PORT (default 9000) with
+It responds to POST /event-invoke on $FNGATE_INSTANCE_IP:$PORT (default 0.0.0.0:9000) with
 {"hello": <event>, "request_id": "<X-Scf-Request-Id>"}. A JSON event is embedded as JSON,
 any other body as a string. GET /healthz returns 200.
 """
 
 import json
 import os
+import socket
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -82,10 +83,17 @@ def decode_event(raw):
         return text
 
 
+class IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def main():
+    # fngate sets FNGATE_INSTANCE_IP for local instances, and SCF and pods need 0.0.0.0.
+    host = os.environ.get("FNGATE_INSTANCE_IP", "0.0.0.0")
     port = int(os.environ.get("PORT", "9000"))
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    print("hello-image: listening on 0.0.0.0:%d" % port, file=sys.stderr, flush=True)
+    server_class = IPv6Server if ":" in host else ThreadingHTTPServer
+    server = server_class((host, port), Handler)
+    print("hello-image: listening on %s port %d" % (host, port), file=sys.stderr, flush=True)
     server.serve_forever()
 
 

@@ -1,4 +1,5 @@
-"""A web function on the Python standard library, listening on 0.0.0.0:$PORT (default 9000).
+"""A web function on the Python standard library, listening on $FNGATE_INSTANCE_IP:$PORT
+(default 0.0.0.0:9000).
 
 Routes:
   GET /sleep?ms=N  waits N milliseconds (0 to 60000), then responds; useful to show concurrency
@@ -8,6 +9,7 @@ Routes:
 
 import json
 import os
+import socket
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -92,10 +94,17 @@ def parse_length(value):
     return length if length >= 0 else None
 
 
+class IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def main():
+    # fngate sets FNGATE_INSTANCE_IP for local instances, and SCF and pods need 0.0.0.0.
+    host = os.environ.get("FNGATE_INSTANCE_IP", "0.0.0.0")
     port = int(os.environ.get("PORT", "9000"))
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    print("hello-web: listening on 0.0.0.0:%d" % port, file=sys.stderr, flush=True)
+    server_class = IPv6Server if ":" in host else ThreadingHTTPServer
+    server = server_class((host, port), Handler)
+    print("hello-web: listening on %s port %d" % (host, port), file=sys.stderr, flush=True)
     server.serve_forever()
 
 

@@ -1,5 +1,5 @@
-//! The bootstrap process: spawning it in its own process group, signalling that group, and
-//! describing how it ended.
+//! The bootstrap process: spawning it in its own process group, tied to the wrapper's life,
+//! signalling that group, and describing how it ended.
 
 #![allow(unsafe_code)]
 
@@ -32,7 +32,14 @@ pub struct SpawnError {
 
 impl Bootstrap {
     /// Spawns `path` with the runtime API address in `SCF_RUNTIME_API` and
-    /// `SCF_RUNTIME_API_PORT`, stdin null and stdout and stderr inherited.
+    /// `SCF_RUNTIME_API_PORT`, stdin null and stdout and stderr inherited. The bootstrap gets
+    /// SIGKILL when the spawning thread exits, so a wrapper killed with SIGKILL leaves no
+    /// bootstrap behind.
+    ///
+    /// NOTE: the kernel sends that signal when the spawning *thread* exits, not only when the
+    /// wrapper process exits. Call this only on a thread that lives as long as the wrapper,
+    /// such as the thread that runs the binary's current-thread tokio runtime, and never from
+    /// `spawn_blocking`, whose threads exit when idle.
     pub(crate) fn spawn(path: &Path, api_port: u16) -> Result<Self, SpawnError> {
         let mut command = Command::new(path);
         command
@@ -47,6 +54,24 @@ impl Bootstrap {
             .kill_on_drop(true);
         for name in WRAPPER_ENV_VARS {
             command.env_remove(name);
+        }
+        let wrapper_pid = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec, where only
+        // async-signal-safe functions may be called. It calls only prctl(2) and getppid(2),
+        // which are plain system calls, and it neither allocates nor takes locks.
+        // PR_SET_PDEATHSIG reads one integer, passed as the unsigned long the kernel expects.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // A parent that died before prctl took effect never sends the signal, and a
+                // changed parent id shows that. Failing the spawn is then the safe choice.
+                if std::os::unix::process::parent_id() != wrapper_pid {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
         }
 
         let spawn_error = |source| SpawnError {

@@ -46,9 +46,12 @@ pub(crate) enum Outcome {
     TimedOut { timeout: Duration },
     /// The bootstrap asked for the next event without completing this one.
     Abandoned { next_request_id: String },
-    /// The bootstrap exited or the wrapper stopped before the invocation completed. The
+    /// The bootstrap exited or the wrapper stopped while the invocation was running. The
     /// string describes why, e.g. "the bootstrap exited with status 3".
     Exited(String),
+    /// The bootstrap exited or the wrapper stopped while the invocation was still queued, so
+    /// the bootstrap never received it. The string describes why.
+    NotStarted(String),
 }
 
 /// The bootstrap post that completed an invocation.
@@ -102,9 +105,20 @@ enum Phase {
     Closed(String),
 }
 
+/// Identifies one submitted invocation, because callers may reuse a request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket(u64);
+
+#[derive(Debug)]
+struct Queued {
+    ticket: Ticket,
+    invocation: Invocation,
+}
+
 #[derive(Debug)]
 struct State {
-    queue: VecDeque<Invocation>,
+    queue: VecDeque<Queued>,
+    next_ticket: u64,
     running: Option<Running>,
     last_completed: Option<String>,
     phase: Phase,
@@ -124,6 +138,7 @@ impl Hub {
         Self {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
+                next_ticket: 0,
                 running: None,
                 last_completed: None,
                 phase: Phase::Open,
@@ -139,9 +154,10 @@ impl Hub {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Appends an invocation to the queue and wakes a waiting `next`.
-    pub(crate) fn submit(&self, invocation: Invocation) -> Result<(), SubmitError> {
-        {
+    /// Appends an invocation to the queue and wakes a waiting `next`. The returned ticket
+    /// lets the caller [`withdraw`](Self::withdraw) the invocation while it is still queued.
+    pub(crate) fn submit(&self, invocation: Invocation) -> Result<Ticket, SubmitError> {
+        let ticket = {
             let mut state = self.lock();
             match &state.phase {
                 Phase::Open => {}
@@ -153,10 +169,36 @@ impl Hub {
                     queued: state.queue.len(),
                 });
             }
-            state.queue.push_back(invocation);
-        }
+            let ticket = Ticket(state.next_ticket);
+            state.next_ticket += 1;
+            state.queue.push_back(Queued { ticket, invocation });
+            ticket
+        };
         self.queued.notify_waiters();
-        Ok(())
+        Ok(ticket)
+    }
+
+    /// Removes the invocation from the queue if `next` has not handed it out yet, so the
+    /// bootstrap never receives it. Returns whether it was removed. An invocation already
+    /// handed out stays the running one and completes as usual.
+    pub(crate) fn withdraw(&self, ticket: Ticket) -> bool {
+        let mut state = self.lock();
+        let Some(position) = state
+            .queue
+            .iter()
+            .position(|queued| queued.ticket == ticket)
+        else {
+            return false;
+        };
+        if let Some(queued) = state.queue.remove(position) {
+            tracing::debug!(request_id = %queued.invocation.request_id, "caller disconnected; removed its invocation from the queue");
+        }
+        true
+    }
+
+    /// Returns the number of invocations waiting for the bootstrap.
+    pub(crate) fn queued_len(&self) -> usize {
+        self.lock().queue.len()
     }
 
     /// Waits for the oldest queued invocation and makes it the running one.
@@ -182,9 +224,11 @@ impl Hub {
 
     fn try_hand_out(&self) -> Option<HandedOut> {
         let mut state = self.lock();
-        // Skip invocations whose caller has gone, because their result has no reader.
+        // Skip invocations whose caller has gone, because their result has no reader. Callers
+        // withdraw their invocation when they go, so this catches only a caller that is gone
+        // but has not withdrawn yet.
         let invocation = loop {
-            let candidate = state.queue.pop_front()?;
+            let candidate = state.queue.pop_front()?.invocation;
             if !candidate.reply.is_closed() {
                 break candidate;
             }
@@ -277,9 +321,10 @@ impl Hub {
         }
     }
 
-    /// Fails the running and every queued invocation with [`Outcome::Exited`] and rejects
-    /// later ones. `reason` is a lowercase clause such as "the bootstrap exited with status 3".
-    /// After the first call, later calls keep the first reason.
+    /// Fails the running invocation with [`Outcome::Exited`] and every queued one with
+    /// [`Outcome::NotStarted`], and rejects later ones. `reason` is a lowercase clause such as
+    /// "the bootstrap exited with status 3". After the first call, later calls keep the first
+    /// reason.
     pub(crate) fn close(&self, reason: &str) {
         let mut state = self.lock();
         if !matches!(state.phase, Phase::Closed(_)) {
@@ -292,7 +337,7 @@ impl Hub {
             )));
         }
         for queued in state.queue.drain(..) {
-            let _ = queued.reply.send(Outcome::Exited(format!(
+            let _ = queued.invocation.reply.send(Outcome::NotStarted(format!(
                 "{reason} before the invocation started"
             )));
         }
@@ -388,6 +433,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn withdraw_removes_queued_invocation() {
+        let hub = Hub::new(1);
+        let (first, _first_rx) = invocation("a", 1000);
+        let (second, _second_rx) = invocation("b", 1000);
+        let first_ticket = hub.submit(first).expect("submit a");
+
+        assert!(hub.withdraw(first_ticket));
+        assert_eq!(hub.queued_len(), 0);
+        assert!(!hub.withdraw(first_ticket), "a ticket is withdrawn once");
+        // The freed place in the queue takes the next invocation.
+        hub.submit(second).expect("submit b");
+        assert_eq!(hub.next().await.request_id, "b");
+    }
+
+    #[tokio::test]
+    async fn withdraw_leaves_handed_out_invocation() {
+        let hub = Hub::new(8);
+        let (first, first_rx) = invocation("a", 1000);
+        let ticket = hub.submit(first).expect("submit a");
+        hub.next().await;
+
+        assert!(!hub.withdraw(ticket));
+        assert_eq!(
+            hub.complete(Completion::Response, Bytes::from("done")),
+            Ok("a".to_string())
+        );
+        assert_eq!(
+            first_rx.await.expect("outcome"),
+            Outcome::Response(Bytes::from("done"))
+        );
+    }
+
+    #[tokio::test]
     async fn next_without_post_abandons_running() {
         let hub = Hub::new(8);
         let (first, first_rx) = invocation("a", 1000);
@@ -464,10 +542,10 @@ mod tests {
             panic!("expected Exited for the running invocation");
         };
         assert!(running.contains("status 7"), "{running}");
-        assert!(matches!(
-            second_rx.await.expect("outcome b"),
-            Outcome::Exited(_)
-        ));
+        let Outcome::NotStarted(queued) = second_rx.await.expect("outcome b") else {
+            panic!("expected NotStarted for the queued invocation");
+        };
+        assert!(queued.contains("before the invocation started"), "{queued}");
         let (late, _late_rx) = invocation("c", 1000);
         assert!(matches!(hub.submit(late), Err(SubmitError::Closed(_))));
     }

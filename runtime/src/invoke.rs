@@ -3,7 +3,12 @@
 //!
 //! Each event is queued in the hub and the request waits until its [`Outcome`] arrives. The
 //! time limit runs from the moment the bootstrap takes the event, and the supervisor enforces
-//! it, so a caller that disconnects does not cancel it.
+//! it. A caller that disconnects while its event is queued withdraws the event. Once the
+//! bootstrap took the event, a disconnect cancels nothing and the invocation runs to its end.
+//!
+//! An error response carries `X-Fngate-Not-Started: true` when the bootstrap never received
+//! the event: the queue was full, the instance was stopping or closed, or the bootstrap exited
+//! while the event was queued. The platform may retry such an invocation elsewhere.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +22,10 @@ use hyper::{Request, Response};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use crate::hub::{Hub, Invocation, Outcome, SubmitError};
+use crate::hub::{Hub, Invocation, Outcome, SubmitError, Ticket};
 use crate::reply::{
-    self, APPLICATION_JSON, X_FNGATE_FUNCTION_ERROR, X_FNGATE_RUNTIME_ERROR, X_SCF_REQUEST_ID,
+    self, APPLICATION_JSON, X_FNGATE_FUNCTION_ERROR, X_FNGATE_NOT_STARTED, X_FNGATE_RUNTIME_ERROR,
+    X_SCF_REQUEST_ID,
 };
 use crate::server::Handler;
 
@@ -54,6 +60,17 @@ pub(crate) struct InvokeApi {
 impl InvokeApi {
     pub(crate) fn new(hub: Arc<Hub>) -> Self {
         Self { hub }
+    }
+
+    /// Builds the `/healthz` response: `{"status":"ok","queued":N}`, where `queued` counts the
+    /// invocations waiting for the bootstrap.
+    fn health(&self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({ "status": "ok", "queued": self.hub.queued_len() });
+        reply::with_body(
+            StatusCode::OK,
+            Some(APPLICATION_JSON),
+            Bytes::from(body.to_string()),
+        )
     }
 
     async fn invoke(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -96,17 +113,52 @@ impl InvokeApi {
             event,
             reply: reply_tx,
         };
-        if let Err(error) = self.hub.submit(invocation) {
-            return submit_error_response(&error);
-        }
+        let ticket = match self.hub.submit(invocation) {
+            Ok(ticket) => ticket,
+            Err(error) => return submit_error_response(&error),
+        };
 
-        match reply_rx.await {
+        // hyper drops this future when the caller's connection closes (observed with hyper
+        // 1.13 and tested in tests/queue.rs), and the guard then takes the invocation out of
+        // the queue unless the bootstrap already has it.
+        let queued = WithdrawOnDrop {
+            hub: &self.hub,
+            ticket: Some(ticket),
+        };
+        let outcome = reply_rx.await;
+        queued.disarm();
+
+        match outcome {
             Ok(outcome) => outcome_response(outcome),
+            // The hub sends an outcome for every invocation whose caller still waits, so this
+            // is not expected. The bootstrap may have seen the event, so it is not marked as
+            // not started.
             Err(_) => runtime_error(
                 StatusCode::BAD_GATEWAY,
                 runtime_error::CONTAINER_STATE_EXITED,
                 "the runtime wrapper stopped before the invocation completed; retry the request",
             ),
+        }
+    }
+}
+
+/// Withdraws a queued invocation when dropped before [`disarm`](Self::disarm).
+struct WithdrawOnDrop<'a> {
+    hub: &'a Hub,
+    ticket: Option<Ticket>,
+}
+
+impl WithdrawOnDrop<'_> {
+    /// Keeps the invocation: it has its outcome, so nothing is left to withdraw.
+    fn disarm(mut self) {
+        self.ticket = None;
+    }
+}
+
+impl Drop for WithdrawOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.hub.withdraw(ticket);
         }
     }
 }
@@ -118,11 +170,7 @@ impl Handler for InvokeApi {
         match path.as_str() {
             PATH_EVENT_INVOKE if method == Method::POST => self.invoke(request).await,
             PATH_EVENT_INVOKE => reply::method_not_allowed(&method, &path, Method::POST),
-            PATH_HEALTHZ if method == Method::GET => reply::with_body(
-                StatusCode::OK,
-                Some(APPLICATION_JSON),
-                Bytes::from_static(b"{\"status\":\"ok\"}"),
-            ),
+            PATH_HEALTHZ if method == Method::GET => self.health(),
             PATH_HEALTHZ => reply::method_not_allowed(&method, &path, Method::GET),
             _ => reply::not_found(&path),
         }
@@ -225,6 +273,11 @@ fn outcome_response(outcome: Outcome) -> Response<Full<Bytes>> {
             runtime_error::CONTAINER_STATE_EXITED,
             &format!("{reason}; check the function's log"),
         ),
+        Outcome::NotStarted(reason) => mark_not_started(runtime_error(
+            StatusCode::BAD_GATEWAY,
+            runtime_error::CONTAINER_STATE_EXITED,
+            &format!("{reason}; check the function's log"),
+        )),
     }
 }
 
@@ -243,7 +296,16 @@ fn submit_error_response(error: &SubmitError) -> Response<Full<Bytes>> {
             runtime_error::CONTAINER_STATE_EXITED,
         ),
     };
-    runtime_error(status, code, &error.to_string())
+    // Every submit error means the event never entered the queue.
+    mark_not_started(runtime_error(status, code, &error.to_string()))
+}
+
+/// Adds `X-Fngate-Not-Started: true`, for errors where the bootstrap never received the event.
+fn mark_not_started(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    response
+        .headers_mut()
+        .insert(X_FNGATE_NOT_STARTED, HeaderValue::from_static("true"));
+    response
 }
 
 /// Builds a JSON error that also names `code` in `X-Fngate-Runtime-Error`.
@@ -276,6 +338,69 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn not_started_header_only_when_event_unseen() {
+        let cases = [
+            (
+                "response",
+                outcome_response(Outcome::Response(Bytes::new())),
+                false,
+            ),
+            (
+                "error",
+                outcome_response(Outcome::Error(Bytes::new())),
+                false,
+            ),
+            (
+                "timed out",
+                outcome_response(Outcome::TimedOut {
+                    timeout: Duration::from_millis(1),
+                }),
+                false,
+            ),
+            (
+                "abandoned",
+                outcome_response(Outcome::Abandoned {
+                    next_request_id: "b".to_string(),
+                }),
+                false,
+            ),
+            (
+                "exited while running",
+                outcome_response(Outcome::Exited("exited".to_string())),
+                false,
+            ),
+            (
+                "exited while queued",
+                outcome_response(Outcome::NotStarted("exited".to_string())),
+                true,
+            ),
+            (
+                "queue full",
+                submit_error_response(&SubmitError::QueueFull { queued: 1 }),
+                true,
+            ),
+            (
+                "stopping",
+                submit_error_response(&SubmitError::Stopping),
+                true,
+            ),
+            (
+                "closed",
+                submit_error_response(&SubmitError::Closed("exited".to_string())),
+                true,
+            ),
+        ];
+        for (case, response, expected) in cases {
+            let header = response.headers().get(X_FNGATE_NOT_STARTED);
+            if expected {
+                assert_eq!(header, Some(&HeaderValue::from_static("true")), "{case}");
+            } else {
+                assert_eq!(header, None, "{case}");
+            }
+        }
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub(crate) const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Names a runtime failure (timeout, bootstrap exit) on an invoke response.
 pub(crate) const X_FNGATE_RUNTIME_ERROR: HeaderName =
     HeaderName::from_static("x-fngate-runtime-error");
+/// Set to `true` on an invoke error response when the bootstrap never received the event, so
+/// the platform may retry the invocation on another instance. Never set when the bootstrap
+/// may have seen the event.
+pub(crate) const X_FNGATE_NOT_STARTED: HeaderName = HeaderName::from_static("x-fngate-not-started");
 /// Marks an invoke response whose body is the error posted by the function's code.
 pub(crate) const X_FNGATE_FUNCTION_ERROR: HeaderName =
     HeaderName::from_static("x-fngate-function-error");

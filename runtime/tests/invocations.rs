@@ -259,6 +259,10 @@ async fn invoke_listener_routes() {
     .await;
 
     assert_eq!(health.status, 200);
+    assert_eq!(
+        health.json(),
+        serde_json::json!({"status": "ok", "queued": 0})
+    );
     assert_eq!(get_invoke.status, 405);
     assert_eq!(get_invoke.header("allow"), Some("POST"));
     assert_eq!(unknown.status, 404);

@@ -73,6 +73,11 @@ async fn exit_after_ready_returns_its_code() {
         response.header("x-fngate-runtime-error"),
         Some("ContainerStateExited")
     );
+    assert_eq!(
+        response.header("x-fngate-not-started"),
+        None,
+        "the bootstrap had taken the event"
+    );
     assert_eq!(response.header("x-scf-request-id"), Some("req-dies"));
     let error = response.json();
     assert_eq!(error["error"]["code"], "ContainerStateExited");
@@ -108,6 +113,7 @@ async fn invocation_timeout_gives_504_and_exits() {
         response.header("x-fngate-runtime-error"),
         Some("TimeLimitReached")
     );
+    assert_eq!(response.header("x-fngate-not-started"), None);
     assert_eq!(response.json()["error"]["code"], "TimeLimitReached");
     assert!(response.text().contains("300 ms"), "{}", response.text());
 
@@ -200,12 +206,10 @@ async fn stop_answers_running_invocation() {
         )
         .await
     });
-    let fifo = wrapper.dir.path().join("taken");
-    let taken = tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo));
-    let taken = tokio::time::timeout(support::TEST_LIMIT, taken)
-        .await
-        .expect("bootstrap took no invocation");
-    assert_eq!(taken.expect("join").expect("read fifo").trim(), "taken");
+    assert_eq!(
+        support::read_fifo(&wrapper.dir.path().join("taken")).await,
+        "taken"
+    );
 
     let exit = wrapper.stop().await;
     let response = pending.await.expect("invoke task");
@@ -216,5 +220,6 @@ async fn stop_answers_running_invocation() {
         response.header("x-fngate-runtime-error"),
         Some("ContainerStateExited")
     );
+    assert_eq!(response.header("x-fngate-not-started"), None);
     assert!(response.text().contains("stopped"), "{}", response.text());
 }

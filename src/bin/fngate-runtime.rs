@@ -23,7 +23,8 @@ fn main() -> ExitCode {
     };
 
     // One bootstrap needs little parallelism, and many wrappers share a node, so a single
-    // thread is enough.
+    // thread is enough. The bootstrap is spawned on this main thread, which also matters
+    // because its parent-death signal fires when the spawning thread exits.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

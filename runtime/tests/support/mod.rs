@@ -123,10 +123,40 @@ pub fn loopback_port_0() -> SocketAddr {
 impl Wrapper {
     /// Requests a stop, as SIGTERM would, and returns how the run ended.
     pub async fn stop(mut self) -> Exit {
+        self.request_stop();
+        self.exit().await
+    }
+
+    /// Requests a stop, as SIGTERM would, without waiting for the run to end.
+    pub fn request_stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        self.exit().await
+    }
+
+    /// Returns the number of queued invocations that `GET /healthz` reports.
+    pub async fn queued(&self) -> u64 {
+        let health = request(self.invoke_addr, "GET", "/healthz", &[], b"").await;
+        assert_eq!(health.status, 200, "{}", health.text());
+        health.json()["queued"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no queued count in {}", health.text()))
+    }
+
+    /// Waits up to [`TEST_LIMIT`] until `GET /healthz` reports `expected` queued invocations.
+    pub async fn wait_queued(&self, expected: u64) {
+        let deadline = tokio::time::Instant::now() + TEST_LIMIT;
+        loop {
+            let queued = self.queued().await;
+            if queued == expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the wrapper still reports {queued} queued invocations, expected {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Waits for the run to end on its own.
@@ -190,6 +220,25 @@ impl RawResponse {
     }
 }
 
+/// Sends `POST /event-invoke` with `headers` and the event `{}`, and returns the open
+/// connection without reading the response. Dropping the stream closes the connection.
+pub async fn send_invoke(addr: SocketAddr, headers: &[(&str, &str)]) -> TcpStream {
+    let mut head = format!("POST /event-invoke HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 2\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n{}");
+    let mut stream = tokio::time::timeout(TEST_LIMIT, TcpStream::connect(addr))
+        .await
+        .expect("connect timed out")
+        .expect("connect");
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("write request");
+    stream
+}
+
 /// Sends one HTTP/1.1 request with `Connection: close` and reads the response to the end.
 pub async fn request(
     addr: SocketAddr,
@@ -240,6 +289,68 @@ fn parse_response(received: &[u8]) -> RawResponse {
         .and_then(|code| code.parse().ok())
         .unwrap_or_else(|| panic!("bad status line in {head:?}"));
     RawResponse { status, head, body }
+}
+
+/// Reads the FIFO at `path` until the writer closes it and returns the trimmed text. Opening
+/// it blocks until the bootstrap opens it for writing, which makes the read a synchronization
+/// point with the bootstrap.
+pub async fn read_fifo(path: &Path) -> String {
+    let owned = path.to_path_buf();
+    let mut read = tokio::task::spawn_blocking(move || std::fs::read_to_string(owned));
+    match tokio::time::timeout(TEST_LIMIT, &mut read).await {
+        Ok(result) => result
+            .expect("join the FIFO reader")
+            .expect("read the FIFO")
+            .trim()
+            .to_string(),
+        Err(_) => {
+            // A non-blocking writer that closes at once ends the blocked open with EOF, so
+            // the reader thread finishes and the test runtime can shut down.
+            let _ = nonblocking_options().write(true).open(path);
+            panic!("nothing was written to the FIFO {} in time", path.display());
+        }
+    }
+}
+
+/// Writes one line to the FIFO at `path`. Opening it blocks until the bootstrap opens it for
+/// reading.
+pub async fn write_fifo(path: &Path, line: &str) {
+    let owned = path.to_path_buf();
+    let line = format!("{line}\n");
+    let mut write = tokio::task::spawn_blocking(move || std::fs::write(owned, line));
+    match tokio::time::timeout(TEST_LIMIT, &mut write).await {
+        Ok(result) => result
+            .expect("join the FIFO writer")
+            .expect("write the FIFO"),
+        Err(_) => {
+            // A non-blocking reader ends the blocked open, and the line fits in the pipe
+            // buffer, so the writer thread finishes and the test runtime can shut down.
+            let _reader = nonblocking_options().read(true).open(path);
+            let _ = tokio::time::timeout(TEST_LIMIT, write).await;
+            panic!("no process read the FIFO {} in time", path.display());
+        }
+    }
+}
+
+fn nonblocking_options() -> std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let mut options = std::fs::OpenOptions::new();
+    options.custom_flags(libc::O_NONBLOCK);
+    options
+}
+
+/// Creates a FIFO at `path` with the `mkfifo` command.
+pub fn make_fifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo");
+    assert!(
+        status.success(),
+        "mkfifo {} failed: {status}",
+        path.display()
+    );
 }
 
 /// Returns whether process `pid` is gone or a zombie, which no longer runs any code.
