@@ -207,8 +207,11 @@ impl Pool {
     /// Cancel-safe: dropping the future removes the request from the queue, and a slot handed
     /// to it in the meantime is returned.
     pub async fn acquire(self: &Arc<Self>, budget: Duration) -> Result<Permit, AcquireError> {
-        if let Some(instance) = self.take_slot() {
-            return Ok(self.permit(instance, None));
+        // Requests already waiting go first, so a newcomer takes the fast path only when none do.
+        if self.waiting.load(SeqCst) == 0 {
+            if let Some(instance) = self.take_slot() {
+                return Ok(self.permit(instance, None));
+            }
         }
         let enqueued_at = Instant::now();
         let (id, rx) = match self.enqueue()? {
@@ -252,9 +255,13 @@ impl Pool {
     fn enqueue(self: &Arc<Self>) -> Result<Enqueued, AcquireError> {
         let mut queue = self.queue.lock();
         self.waiting.fetch_add(1, SeqCst);
-        if let Some(instance) = self.take_slot() {
-            self.waiting.fetch_sub(1, SeqCst);
-            return Ok(Enqueued::Slot(instance));
+        // With waiters ahead, a freed slot is already being dispatched to them, so only an empty
+        // queue needs the re-check that catches a release racing with this enqueue.
+        if queue.waiters.is_empty() {
+            if let Some(instance) = self.take_slot() {
+                self.waiting.fetch_sub(1, SeqCst);
+                return Ok(Enqueued::Slot(instance));
+            }
         }
         if let Some(reason) = self.backing_off() {
             self.waiting.fetch_sub(1, SeqCst);
