@@ -15,7 +15,7 @@ use std::time::Duration;
 use fngate_proxy::{Function, Instance, InstanceState};
 use metrics::{counter, gauge, histogram};
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -82,6 +82,9 @@ enum Event {
 struct Managed {
     instance: Arc<Instance>,
     running: Arc<dyn RunningInstance>,
+    /// Ends the task that waits for the instance to exit on its own. That wait never resolves
+    /// once the instance was asked to stop, so the task must be told to let go of it.
+    exit_watch: Option<oneshot::Sender<()>>,
     generation: u64,
     memory_mb: u64,
 }
@@ -253,9 +256,10 @@ impl Scaler {
 
     /// Takes an instance out of routing, waits for its requests when draining, then stops it.
     fn retire(&mut self, id: u64, state: InstanceState) {
-        let Some(managed) = self.ready.remove(&id) else {
+        let Some(mut managed) = self.ready.remove(&id) else {
             return;
         };
+        managed.exit_watch.take();
         self.parts.function.pool.remove_instance(id, state);
         managed.instance.set_state(state);
         let label = if state == InstanceState::Draining {
@@ -351,9 +355,11 @@ impl Scaler {
             resolved.spec.concurrency,
             running.boot_time(),
         ));
+        let (exit_watch, cancelled) = oneshot::channel::<()>();
         let managed = Managed {
             instance: Arc::clone(&instance),
             running: Arc::clone(&running),
+            exit_watch: Some(exit_watch),
             generation,
             memory_mb,
         };
@@ -365,8 +371,12 @@ impl Scaler {
 
         let events = self.events_tx.clone();
         tokio::spawn(async move {
-            let failure = running.exited().await;
-            let _ = events.send(Event::Exited { id, failure }).await;
+            tokio::select! {
+                failure = running.exited() => {
+                    let _ = events.send(Event::Exited { id, failure }).await;
+                }
+                _ = cancelled => {}
+            }
         });
         if generation != resolved.generation {
             self.retire(id, InstanceState::Draining);

@@ -8,11 +8,14 @@ mod launch;
 mod logs;
 mod process;
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::time::Instant;
@@ -59,11 +62,15 @@ impl LocalBackendConfig {
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
     config: LocalBackendConfig,
+    ports: Arc<Mutex<HashSet<u16>>>,
 }
 
 impl LocalBackend {
     pub fn new(config: LocalBackendConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            ports: Arc::default(),
+        }
     }
 
     async fn start_instance(
@@ -103,7 +110,8 @@ impl LocalBackend {
             &request.function,
             request.instance_id,
         )?;
-        let addr = pick_free_addr(self.config.bind_ip)?;
+        let lease = PortLease::take(&self.ports, self.config.bind_ip)?;
+        let addr = lease.addr;
         let log_file = logs::open_log_file(&log_path).await.map_err(|error| {
             InstanceFailure::Spawn(format!(
                 "failed to create log file {}: {error}",
@@ -141,6 +149,7 @@ impl LocalBackend {
         );
         Ok(LocalInstance {
             addr,
+            _lease: lease,
             boot_time,
             what: entrypoint.what,
             label: label.clone(),
@@ -158,11 +167,44 @@ impl InstanceBackend for LocalBackend {
     }
 }
 
+/// A port handed to one instance. While the lease lives, no other instance of this backend gets
+/// the same port, even though the kernel sees it free until the instance binds it.
+struct PortLease {
+    addr: SocketAddr,
+    ports: Arc<Mutex<HashSet<u16>>>,
+}
+
+/// Attempts to find a port no other instance holds before giving up.
+const PORT_ATTEMPTS: usize = 64;
+
+impl PortLease {
+    fn take(ports: &Arc<Mutex<HashSet<u16>>>, bind_ip: IpAddr) -> Result<Self, InstanceFailure> {
+        for _ in 0..PORT_ATTEMPTS {
+            let addr = pick_free_addr(bind_ip)?;
+            if ports.lock().insert(addr.port()) {
+                return Ok(PortLease {
+                    addr,
+                    ports: Arc::clone(ports),
+                });
+            }
+        }
+        Err(InstanceFailure::Spawn(format!(
+            "no free port on {bind_ip} after {PORT_ATTEMPTS} attempts"
+        )))
+    }
+}
+
+impl Drop for PortLease {
+    fn drop(&mut self) {
+        self.ports.lock().remove(&self.addr.port());
+    }
+}
+
 /// Returns `bind_ip` with a port that was free a moment ago.
 ///
-/// NOTE: the port is free only until some other process binds it. The instance then fails to
-/// listen and exits, which the caller sees as an `Exited` failure with the bind error in the
-/// output.
+/// NOTE: the port is free only until some process other than this backend's instances (which
+/// lease their ports) binds it. The instance then fails to listen and exits, which the caller
+/// sees as an `Exited` failure with the bind error in the output.
 fn pick_free_addr(bind_ip: IpAddr) -> Result<SocketAddr, InstanceFailure> {
     let listener = TcpListener::bind((bind_ip, 0)).map_err(|error| {
         InstanceFailure::Spawn(format!("failed to find a free port on {bind_ip}: {error}"))
@@ -241,6 +283,8 @@ async fn probe_until_open(addr: SocketAddr) {
 /// A ready local instance. Dropping it kills its process group.
 struct LocalInstance {
     addr: SocketAddr,
+    /// Released when the instance is dropped, after its process was stopped or killed.
+    _lease: PortLease,
     boot_time: Duration,
     what: &'static str,
     label: InstanceLabel,
@@ -284,5 +328,25 @@ impl RunningInstance for LocalInstance {
                 "instance stopped"
             );
         })
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    #[test]
+    fn leased_ports_never_handed_out_twice() {
+        let ports: Arc<Mutex<HashSet<u16>>> = Arc::default();
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let leases: Vec<PortLease> = (0..200)
+            .map(|_| PortLease::take(&ports, ip).unwrap())
+            .collect();
+        let distinct: HashSet<u16> = leases.iter().map(|lease| lease.addr.port()).collect();
+        assert_eq!(distinct.len(), leases.len());
+        assert_eq!(ports.lock().len(), leases.len());
+
+        drop(leases);
+        assert!(ports.lock().is_empty(), "dropped leases kept their ports");
     }
 }
