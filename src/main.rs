@@ -19,6 +19,13 @@ use fngate_proxy::{server, Proxy, Router};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// mimalloc instead of glibc's allocator. Counted with callgrind in the proxy's request loop (the
+/// `request_path` bench of fngate-proxy), it cuts the instructions spent allocating by 14% for a
+/// web request and 27% for an event invocation. That is 4% of an event invocation's total, while
+/// the 1% of a web request is within run-to-run noise.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "fngate",

@@ -142,8 +142,11 @@ async fn concurrency_one_max_two_never_overlaps() {
 async fn queue_budget_exceeded_gives_503() {
     let dir = tempdir();
     let code = web_function(dir.path(), "busy");
-    let extra = "concurrency = 1\nmax_instances = 1\ntimeout_ms = 20000\nqueue_budget_ms = 300";
+    let extra = "concurrency = 1\nmin_instances = 1\nmax_instances = 1\ntimeout_ms = 20000\nqueue_budget_ms = 300";
     let fngate = Fngate::start(dir, &platform_file(&web_toml("busy", &code, extra)));
+    // The instance starts with the platform, so no request depends on a cold start within the
+    // short budget.
+    fngate.wait_for_ready("default", "busy", 1).await;
     assert_eq!(get(fngate.proxy, "/web/default/busy/").await.status, 200);
 
     let proxy = fngate.proxy;
@@ -249,6 +252,15 @@ async fn killed_instance_gives_502_then_recovers() {
     assert_eq!(failed.status, 502, "{}", failed.text());
     assert_eq!(failed.error_code(), "ContainerStateExited");
 
+    // A connection opened in the instant before the kernel closed the killed process's socket
+    // can be accepted and then reset, so the next call waits until the platform saw the exit.
+    fngate
+        .wait_for_metric(
+            "fngate_instance_exits_total",
+            &[("function", "fragile")],
+            |v| v == 1.0,
+        )
+        .await;
     let next = get(fngate.proxy, "/web/default/fragile/").await;
     assert_eq!(next.status, 200, "{}", next.text());
     assert_ne!(

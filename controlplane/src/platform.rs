@@ -19,6 +19,9 @@ use crate::model::{self, FunctionSpec, NamespaceSpec, LATEST};
 use crate::quota::Quota;
 use crate::scaler::{self, Resolved, ScalerParts, Stop};
 
+/// Longest wait for the scaler to take a replaced version's instances out of routing.
+const REPLACE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Whether a put created a resource or changed an existing one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -58,6 +61,8 @@ struct FunctionEntry {
     code_dir: PathBuf,
     resolved: watch::Sender<Resolved>,
     stop: watch::Sender<Stop>,
+    /// The newest generation whose outdated instances the scaler took out of routing.
+    applied: watch::Receiver<u64>,
     task: JoinHandle<()>,
     status: Arc<Mutex<Vec<InstanceStatus>>>,
 }
@@ -175,7 +180,29 @@ impl Platform {
             crate::validate::memory_within_quota(&spec, &namespace.spec)?;
         }
         let code_dir = self.resolve_code(&spec).await?;
-        let spec = Arc::new(spec);
+        let (applied, replaced) = self.apply_function(Arc::new(spec), code_dir)?;
+        if let Some((mut scaler_generation, generation)) = replaced {
+            // Wait until the scaler took the old instances out of routing, so requests sent
+            // after this call returns reach the new version.
+            let replaced = scaler_generation.wait_for(|applied| *applied >= generation);
+            if tokio::time::timeout(REPLACE_WAIT, replaced).await.is_err() {
+                tracing::warn!(
+                    generation,
+                    "scaler did not confirm the function update in time"
+                );
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Stores a checked function and starts or updates its scaler. When running instances must
+    /// be replaced, also returns the scaler's generation channel and the generation to wait for.
+    #[allow(clippy::type_complexity)]
+    fn apply_function(
+        &self,
+        spec: Arc<FunctionSpec>,
+        code_dir: PathBuf,
+    ) -> Result<(Applied, Option<(watch::Receiver<u64>, u64)>), PlatformError> {
         let key = function_key(&spec);
         let mut namespaces = self.namespaces.lock();
         let namespace = namespaces
@@ -184,7 +211,7 @@ impl Platform {
 
         if let Some(entry) = namespace.functions.get_mut(&spec.name) {
             if *entry.spec == *spec && entry.code_dir == code_dir {
-                return Ok(Applied::Unchanged);
+                return Ok((Applied::Unchanged, None));
             }
             let replace = needs_new_instances(&entry.spec, &spec) || entry.code_dir != code_dir;
             self.router.upsert(key, settings(&spec));
@@ -202,7 +229,8 @@ impl Platform {
                 generation,
             });
             tracing::info!(function = %entry.spec.name, namespace = %entry.spec.namespace, replace, "function updated");
-            return Ok(Applied::Updated);
+            let wait = replace.then(|| (entry.applied.clone(), generation));
+            return Ok((Applied::Updated, wait));
         }
 
         let function = self.router.upsert(key, settings(&spec));
@@ -215,6 +243,7 @@ impl Platform {
             generation,
         });
         let (stop_tx, stop_rx) = watch::channel(Stop::No);
+        let (applied_tx, applied_rx) = watch::channel(generation);
         let status = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(scaler::run(ScalerParts {
             function,
@@ -222,6 +251,7 @@ impl Platform {
             quota: Arc::clone(&namespace.quota),
             resolved: resolved_rx,
             stop: stop_rx,
+            applied: applied_tx,
             status: Arc::clone(&status),
             instance_ids: Arc::clone(&self.instance_ids),
         }));
@@ -233,11 +263,12 @@ impl Platform {
                 code_dir,
                 resolved: resolved_tx,
                 stop: stop_tx,
+                applied: applied_rx,
                 task,
                 status,
             },
         );
-        Ok(Applied::Created)
+        Ok((Applied::Created, None))
     }
 
     /// Resolves the function's code and checks that it has the executable the function's kind

@@ -58,6 +58,8 @@ pub struct ScalerParts {
     pub quota: Arc<Quota>,
     pub resolved: watch::Receiver<Resolved>,
     pub stop: watch::Receiver<Stop>,
+    /// Set to each generation once instances of older generations are out of routing.
+    pub applied: watch::Sender<u64>,
     pub status: Arc<Mutex<Vec<InstanceStatus>>>,
     pub instance_ids: Arc<AtomicU64>,
 }
@@ -301,6 +303,7 @@ impl Scaler {
         }
         self.failures = 0;
         self.retry_at = None;
+        self.parts.applied.send_replace(generation);
     }
 
     fn handle(&mut self, event: Event) {

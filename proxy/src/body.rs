@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 use crate::metrics::Outcome;
 use crate::pool::Permit;
@@ -29,8 +29,7 @@ pin_project! {
     pub struct WebBody {
         #[pin]
         inner: Incoming,
-        #[pin]
-        deadline: Sleep,
+        deadline: Pin<Box<Sleep>>,
         timeout: Duration,
         permit: Option<Permit>,
         sender: Option<Sender>,
@@ -58,7 +57,7 @@ pin_project! {
 impl WebBody {
     pub(crate) fn new(
         inner: Incoming,
-        deadline: Instant,
+        deadline: Pin<Box<Sleep>>,
         timeout: Duration,
         permit: Permit,
         sender: Sender,
@@ -66,7 +65,7 @@ impl WebBody {
     ) -> Self {
         WebBody {
             inner,
-            deadline: tokio::time::sleep_until(deadline),
+            deadline,
             timeout,
             permit: Some(permit),
             sender: Some(sender),

@@ -7,11 +7,12 @@
 //! instance answers or the execution timeout passes. A client that disconnects while queued
 //! leaves the queue at once.
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, Uri};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -22,8 +23,9 @@ use crate::handler::{
     acquire, add_timing, content_length, fail_instance, retries_exhausted, server_timing,
     timeout_error, MAX_RETRIES,
 };
-use crate::headers::{self, FUNCTION_ERROR, NOT_STARTED, RUNTIME_ERROR};
+use crate::headers::{FUNCTION_ERROR, NOT_STARTED, RUNTIME_ERROR};
 use crate::pool::Permit;
+use crate::request_id::RequestId;
 use crate::table::{Function, FunctionSettings};
 use crate::upstream::{self, SendError};
 
@@ -56,8 +58,9 @@ impl Attempt {
 /// Handles `POST /functions/{namespace}/{function}/invocations`.
 pub(crate) async fn invoke(
     function: &Arc<Function>,
+    settings: Arc<FunctionSettings>,
     request: Request<Incoming>,
-    request_id: &str,
+    request_id: &RequestId,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if request.method() != Method::POST {
         return Err(ProxyError::MethodNotAllowed {
@@ -66,7 +69,6 @@ pub(crate) async fn invoke(
             allowed: "POST",
         });
     }
-    let settings = function.settings();
     let event = match tokio::time::timeout(
         BODY_READ_TIMEOUT,
         read_event(request, settings.max_body_bytes),
@@ -91,7 +93,7 @@ pub(crate) async fn invoke(
             Arc::clone(&settings),
             permit,
             event.clone(),
-            request_id.to_owned(),
+            request_id.clone(),
         ));
         let attempt = exchange.await.map_err(|error| ProxyError::Internal {
             what: format!("event exchange task failed: {error}"),
@@ -103,7 +105,7 @@ pub(crate) async fn invoke(
                 return Ok(response);
             }
             Attempt::Retry(cause) => {
-                function.metrics.record_retry();
+                function.metrics().record_retry();
                 last_cause = cause;
             }
         }
@@ -118,39 +120,48 @@ async fn exchange(
     settings: Arc<FunctionSettings>,
     permit: Permit,
     event: Bytes,
-    request_id: String,
+    request_id: RequestId,
 ) -> Attempt {
     let instance = Arc::clone(permit.instance());
-    let deadline = Instant::now() + settings.timeout;
+    // One timer covers sending the event and reading the response.
+    let deadline = tokio::time::sleep_until(Instant::now() + settings.timeout);
+    let mut deadline = pin!(deadline);
     let request = event_request(&function, &settings, event, &request_id);
 
-    let (response, sender) =
-        match tokio::time::timeout_at(deadline, upstream::send(&instance, request)).await {
-            Err(_) => return timed_out(&function, &settings, &permit),
-            Ok(Err(SendError::NotSent { cause, .. })) => {
-                fail_instance(&function, &instance, &cause);
-                return Attempt::Retry(cause);
-            }
-            Ok(Err(SendError::Failed(error))) => {
-                return Attempt::done(Err(upstream_failed(&function, &permit, &error.to_string())))
-            }
-            Ok(Ok(pair)) => pair,
-        };
+    let sent = tokio::select! {
+        biased;
+        sent = upstream::send(&instance, request) => sent,
+        () = deadline.as_mut() => return timed_out(&function, &settings, &permit),
+    };
+    let (response, sender) = match sent {
+        Err(SendError::NotSent { cause, .. }) => {
+            fail_instance(&function, &instance, &cause);
+            return Attempt::Retry(cause);
+        }
+        Err(SendError::Failed(error)) => {
+            return Attempt::done(Err(upstream_failed(&function, &permit, &error.to_string())))
+        }
+        Ok(pair) => pair,
+    };
 
     let (parts, body) = response.into_parts();
     let limited = Limited::new(body, MAX_EVENT_RESPONSE_BYTES);
-    let body = match tokio::time::timeout_at(deadline, limited.collect()).await {
-        Err(_) => return timed_out(&function, &settings, &permit),
-        Ok(Err(error)) if error.is::<LengthLimitError>() => {
+    let collected = tokio::select! {
+        biased;
+        collected = limited.collect() => collected,
+        () = deadline.as_mut() => return timed_out(&function, &settings, &permit),
+    };
+    let body = match collected {
+        Err(error) if error.is::<LengthLimitError>() => {
             return Attempt::done(Err(ProxyError::ResponseTooLarge {
                 function: function.key.to_string(),
                 limit: MAX_EVENT_RESPONSE_BYTES as u64,
             }))
         }
-        Ok(Err(error)) => {
+        Err(error) => {
             return Attempt::done(Err(upstream_failed(&function, &permit, &error.to_string())))
         }
-        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(collected) => collected.to_bytes(),
     };
     instance.conns.put(sender);
 
@@ -172,17 +183,19 @@ fn event_request(
     function: &Function,
     settings: &FunctionSettings,
     event: Bytes,
-    request_id: &str,
+    request_id: &RequestId,
 ) -> Request<upstream::UpstreamBody> {
     let mut request = Request::new(Either::Left(Full::new(event)));
     *request.method_mut() = Method::POST;
     *request.uri_mut() = Uri::from_static("/event-invoke");
-    let headers = request.headers_mut();
+    // Room for `Content-Type` and the six `X-Scf-*` headers, so the map never grows.
+    let mut headers = HeaderMap::with_capacity(7);
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    headers::set_scf_headers(headers, request_id, &function.key, settings);
+    function.set_scf_headers(&mut headers, request_id.header_value(), settings);
+    *request.headers_mut() = headers;
     request
 }
 

@@ -2,6 +2,7 @@
 //! none is free), forward to the instance and stream the response back.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::body::{ProxyBody, WebBody};
 use crate::error::ProxyError;
@@ -18,6 +19,7 @@ use crate::headers::{self, REQUEST_ID, SERVER_TIMING};
 use crate::instance::{Instance, InstanceState};
 use crate::metrics::Outcome;
 use crate::pool::{AcquireError, Permit};
+use crate::request_id::RequestId;
 use crate::route::{self, Route};
 use crate::table::{Function, FunctionKind, FunctionSettings, Router};
 use crate::upstream::{self, SendError, Sender, UpstreamBody};
@@ -25,6 +27,35 @@ use crate::Invocation;
 
 /// Sends to another instance at most this many times after an instance was unreachable.
 pub(crate) const MAX_RETRIES: usize = 3;
+
+/// The peer of one client connection. Its address is formatted for `X-Forwarded-For` once per
+/// connection instead of once per request.
+#[derive(Debug, Clone)]
+pub struct Client {
+    addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Self {
+        Client {
+            addr,
+            forwarded_for: headers::forwarded_for(addr.ip()),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// A web request that found its function, on its way to an instance.
+struct WebCall {
+    function: Arc<Function>,
+    settings: Arc<FunctionSettings>,
+    upstream_uri: Uri,
+    invocation: Invocation,
+}
 
 /// The data plane's request handler, shared by every connection.
 #[derive(Debug)]
@@ -38,7 +69,8 @@ struct Dispatched {
     response: Response<Incoming>,
     sender: Sender,
     permit: Permit,
-    execution_deadline: Instant,
+    /// Fires when the execution timeout, counted from taking the slot, passes.
+    deadline: Pin<Box<Sleep>>,
 }
 
 impl Proxy {
@@ -71,27 +103,23 @@ impl Proxy {
     }
 
     /// Handles one request. Every outcome, failures included, becomes a response here.
-    pub async fn handle(
-        &self,
-        client: SocketAddr,
-        request: Request<Incoming>,
-    ) -> Response<ProxyBody> {
-        let request_id = uuid::Uuid::new_v4().simple().to_string();
+    pub async fn handle(&self, client: &Client, request: Request<Incoming>) -> Response<ProxyBody> {
+        let request_id = RequestId::next();
         let mut response = match self.route(client, request, &request_id).await {
             Ok(response) => response,
-            Err(error) => error.to_response(&request_id),
+            Err(error) => error.to_response(request_id.as_str()),
         };
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert(REQUEST_ID, value);
-        }
+        response
+            .headers_mut()
+            .insert(REQUEST_ID, request_id.header_value().clone());
         response
     }
 
     async fn route(
         &self,
-        client: SocketAddr,
+        client: &Client,
         request: Request<Incoming>,
-        request_id: &str,
+        request_id: &RequestId,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if self.shutting_down.load(SeqCst) {
             return Err(ProxyError::ShuttingDown);
@@ -103,9 +131,10 @@ impl Proxy {
                 function,
             } => {
                 let function = self.router.lookup(namespace, function, &qualifier)?;
-                require_kind(&function, FunctionKind::Event)?;
+                let settings = function.settings();
+                require_kind(&function, &settings, FunctionKind::Event)?;
                 let invocation = Invocation::new(Arc::clone(&function));
-                let result = crate::event::invoke(&function, request, request_id).await;
+                let result = crate::event::invoke(&function, settings, request, request_id).await;
                 finish_on_error(invocation, result)
             }
             Route::Web {
@@ -114,32 +143,34 @@ impl Proxy {
                 rest,
             } => {
                 let function = self.router.lookup(namespace, function, &qualifier)?;
-                require_kind(&function, FunctionKind::Web)?;
+                let settings = function.settings();
+                require_kind(&function, &settings, FunctionKind::Web)?;
                 let upstream_uri = upstream_uri(rest, request.uri().query())?;
                 let invocation = Invocation::new(Arc::clone(&function));
-                self.invoke_web(
+                let call = WebCall {
                     function,
-                    client,
-                    request,
+                    settings,
                     upstream_uri,
-                    request_id,
                     invocation,
-                )
-                .await
+                };
+                self.invoke_web(call, client, request, request_id).await
             }
         }
     }
 
     async fn invoke_web(
         &self,
-        function: Arc<Function>,
-        client: SocketAddr,
+        call: WebCall,
+        client: &Client,
         mut request: Request<Incoming>,
-        upstream_uri: Uri,
-        request_id: &str,
-        invocation: Invocation,
+        request_id: &RequestId,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let settings = function.settings();
+        let WebCall {
+            function,
+            settings,
+            upstream_uri,
+            invocation,
+        } = call;
         if content_length(request.headers()).is_some_and(|len| len > settings.max_body_bytes) {
             return finish_on_error(
                 invocation,
@@ -153,9 +184,13 @@ impl Proxy {
 
         let (mut parts, body) = request.into_parts();
         parts.uri = upstream_uri;
+        // Reserves room for the three forwarding and six `X-Scf-*` headers in one step, so that
+        // adding them does not grow the map again. hyper parses at most 100 request headers, far
+        // below the map's size limit, so reserving cannot fail.
+        let _ = parts.headers.try_reserve(9);
         headers::remove_hop_by_hop(&mut parts.headers, upgrade);
-        headers::add_forwarding(&mut parts.headers, client.ip(), "http");
-        headers::set_scf_headers(&mut parts.headers, request_id, &function.key, &settings);
+        headers::add_forwarding(&mut parts.headers, &client.forwarded_for, "http");
+        function.set_scf_headers(&mut parts.headers, request_id.header_value(), &settings);
         let limit = usize::try_from(settings.max_body_bytes).unwrap_or(usize::MAX);
         let upstream = Request::from_parts(parts, Either::Right(Limited::new(body, limit)));
 
@@ -167,7 +202,7 @@ impl Proxy {
             mut response,
             sender,
             permit,
-            execution_deadline,
+            deadline,
         } = dispatched;
         let timing = server_timing(&function, &permit);
 
@@ -190,14 +225,7 @@ impl Proxy {
 
         let (mut parts, body) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers, false);
-        let body = WebBody::new(
-            body,
-            execution_deadline,
-            settings.timeout,
-            permit,
-            sender,
-            invocation,
-        );
+        let body = WebBody::new(body, deadline, settings.timeout, permit, sender, invocation);
         let mut response = Response::from_parts(parts, Either::Right(body));
         add_timing(&mut response, timing);
         Ok(response)
@@ -215,35 +243,39 @@ impl Proxy {
         let mut last_cause = String::new();
         for _ in 0..=MAX_RETRIES {
             let permit = acquire(function, settings, queue_deadline, &last_cause).await?;
-            let execution_deadline = Instant::now() + settings.timeout;
+            // One timer for the whole execution: the response body keeps it, so a request
+            // registers one timer rather than one for the headers and one for the body.
+            let mut deadline =
+                Box::pin(tokio::time::sleep_until(Instant::now() + settings.timeout));
             let instance = Arc::clone(permit.instance());
-            let sent =
-                tokio::time::timeout_at(execution_deadline, upstream::send(&instance, request))
-                    .await;
+            let sent = tokio::select! {
+                biased;
+                sent = upstream::send(&instance, request) => sent,
+                () = deadline.as_mut() => return Err(timeout_error(function, settings)),
+            };
             match sent {
-                Err(_) => return Err(timeout_error(function, settings)),
-                Ok(Ok((response, sender))) => {
+                Ok((response, sender)) => {
                     return Ok(Dispatched {
                         response,
                         sender,
                         permit,
-                        execution_deadline,
+                        deadline,
                     })
                 }
-                Ok(Err(SendError::Failed(error))) if exceeded_body_limit(&error) => {
+                Err(SendError::Failed(error)) if exceeded_body_limit(&error) => {
                     return Err(ProxyError::BodyTooLarge {
                         limit: settings.max_body_bytes,
                     })
                 }
-                Ok(Err(SendError::Failed(error))) => {
+                Err(SendError::Failed(error)) => {
                     return Err(upstream_failed(function, &permit, &error.to_string()))
                 }
-                Ok(Err(SendError::NotSent {
+                Err(SendError::NotSent {
                     request: unsent,
                     cause,
-                })) => {
+                }) => {
                     fail_instance(function, &instance, &cause);
-                    function.metrics.record_retry();
+                    function.metrics().record_retry();
                     drop(permit);
                     request = *unsent;
                     last_cause = cause;
@@ -279,7 +311,7 @@ pub(crate) async fn acquire(
         Err(error) => return Err(acquire_error(function, settings, error, last_cause)),
     };
     if let Some(waited) = permit.queued_for() {
-        function.metrics.record_queue_wait(waited);
+        function.metrics().record_queue_wait(waited);
     }
     Ok(permit)
 }
@@ -304,8 +336,12 @@ pub(crate) fn retries_exhausted(function: &Function, last_cause: &str) -> ProxyE
     }
 }
 
-fn require_kind(function: &Function, expected: FunctionKind) -> Result<(), ProxyError> {
-    let actual = function.settings().kind;
+fn require_kind(
+    function: &Function,
+    settings: &FunctionSettings,
+    expected: FunctionKind,
+) -> Result<(), ProxyError> {
+    let actual = settings.kind;
     if actual == expected {
         return Ok(());
     }
@@ -348,12 +384,15 @@ pub(crate) fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 }
 
 fn upstream_uri(rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
-    let path_and_query = match query {
-        Some(query) => format!("{rest}?{query}"),
-        None => rest.to_owned(),
-    };
-    path_and_query
-        .parse()
+    let query_len = query.map_or(0, |query| query.len() + 1);
+    let mut path_and_query = String::with_capacity(rest.len() + query_len);
+    path_and_query.push_str(rest);
+    if let Some(query) = query {
+        path_and_query.push('?');
+        path_and_query.push_str(query);
+    }
+    // Converting the `String` hands its buffer to the URI, where parsing a `&str` would copy it.
+    Uri::try_from(path_and_query)
         .map_err(|error| ProxyError::InvalidRequest(format!("invalid request path: {error}")))
 }
 
@@ -428,7 +467,7 @@ pub(crate) fn server_timing(function: &Function, permit: &Permit) -> Option<Head
     let queued = permit.queued_for()?;
     let mut value = format!("queue;dur={:.3}", millis(queued));
     if first_use {
-        function.metrics.record_cold_start();
+        function.metrics().record_cold_start();
         value.push_str(&format!(
             ", boot;dur={:.3}",
             millis(permit.instance().boot_time())

@@ -2,7 +2,9 @@
 //! the `X-Scf-*` headers SCF sends to functions.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::table::{FunctionKey, FunctionSettings};
@@ -49,9 +51,20 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// True for a header that `remove_hop_by_hop` removes whatever the `Connection` header lists.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::UPGRADE || HOP_BY_HOP.contains(name)
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names. With `upgrade`,
 /// keeps `Connection: upgrade` and `Upgrade` so that a protocol switch passes through.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of these headers. One pass over the names finds that out for less
+    // than the ten hashed removals below, and `Connection` itself is in the list, so headers it
+    // names are never skipped.
+    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -73,14 +86,27 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Appends the client to `X-Forwarded-For`, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`
-/// unless a hop in front (the load balancer) already set them. fngate does not check that hop.
-pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str) {
+/// Formats the client's address as an `X-Forwarded-For` element, once per connection.
+pub fn forwarded_for(client: IpAddr) -> HeaderValue {
+    HeaderValue::from_maybe_shared(Bytes::from(client.to_string()))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Appends `client` (from [`forwarded_for`]) to `X-Forwarded-For`, and sets `X-Forwarded-Proto`
+/// and `X-Forwarded-Host` unless a hop in front (the load balancer) already set them. fngate does
+/// not check that hop.
+pub fn add_forwarding(headers: &mut HeaderMap, client: &HeaderValue, scheme: &'static str) {
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {client}"),
-        None => client.to_string(),
+        Some(existing) => {
+            let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
+            joined.extend_from_slice(existing.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client.as_bytes());
+            HeaderValue::from_maybe_shared(Bytes::from(joined)).ok()
+        }
+        None => Some(client.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, value);
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -93,13 +119,51 @@ pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, scheme: &'static 
     }
 }
 
+/// The `X-Scf-*` values that depend only on a function version and its settings, built once and
+/// cloned into each request, which copies no bytes.
+#[derive(Debug)]
+pub struct ScfHeaderValues {
+    memory_mb: u32,
+    timeout: Duration,
+    values: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl ScfHeaderValues {
+    /// Formats the values. One that is not a valid header value is left out.
+    pub fn new(key: &FunctionKey, settings: &FunctionSettings) -> Self {
+        let values = [
+            (SCF_MEMORY, settings.memory_mb.to_string()),
+            (SCF_TIMEOUT, settings.timeout.as_millis().to_string()),
+            (SCF_VERSION, key.qualifier.clone()),
+            (SCF_NAME, key.name.clone()),
+            (SCF_NAMESPACE, key.namespace.clone()),
+        ];
+        let values = values
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let value = HeaderValue::from_maybe_shared(Bytes::from(value)).ok()?;
+                Some((name, value))
+            })
+            .collect();
+        ScfHeaderValues {
+            memory_mb: settings.memory_mb,
+            timeout: settings.timeout,
+            values,
+        }
+    }
+
+    /// True when these values were built from settings with the same memory and timeout.
+    pub fn matches(&self, settings: &FunctionSettings) -> bool {
+        self.memory_mb == settings.memory_mb && self.timeout == settings.timeout
+    }
+}
+
 /// Replaces any client-sent `X-Scf-*` headers with the platform's own, so a client cannot
 /// pretend to be the platform.
 pub fn set_scf_headers(
     headers: &mut HeaderMap,
-    request_id: &str,
-    key: &FunctionKey,
-    settings: &FunctionSettings,
+    request_id: &HeaderValue,
+    values: &ScfHeaderValues,
 ) {
     let spoofed: Vec<HeaderName> = headers
         .keys()
@@ -109,18 +173,9 @@ pub fn set_scf_headers(
     for name in spoofed {
         headers.remove(name);
     }
-    let values = [
-        (SCF_REQUEST_ID, request_id.to_owned()),
-        (SCF_MEMORY, settings.memory_mb.to_string()),
-        (SCF_TIMEOUT, settings.timeout.as_millis().to_string()),
-        (SCF_VERSION, key.qualifier.clone()),
-        (SCF_NAME, key.name.clone()),
-        (SCF_NAMESPACE, key.namespace.clone()),
-    ];
-    for (name, value) in values {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(name, value);
-        }
+    headers.insert(SCF_REQUEST_ID, request_id.clone());
+    for (name, value) in &values.values {
+        headers.insert(name.clone(), value.clone());
     }
 }
 
@@ -166,10 +221,32 @@ mod tests {
     }
 
     #[test]
+    fn headers_without_hop_by_hop_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("example.com"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+
+        remove_hop_by_hop(&mut headers, false);
+
+        assert_eq!(headers.len(), 2);
+    }
+
+    #[test]
+    fn forwarded_for_set_when_absent() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("example.com"));
+        let client = forwarded_for("::1".parse().unwrap());
+        add_forwarding(&mut headers, &client, "http");
+        assert_eq!(headers.get(X_FORWARDED_FOR).unwrap(), "::1");
+        assert_eq!(headers.get(X_FORWARDED_HOST).unwrap(), "example.com");
+    }
+
+    #[test]
     fn forwarded_for_appends_client() {
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
-        add_forwarding(&mut headers, "127.0.0.1".parse().unwrap(), "http");
+        let client = forwarded_for("127.0.0.1".parse().unwrap());
+        add_forwarding(&mut headers, &client, "http");
         assert_eq!(headers.get(X_FORWARDED_FOR).unwrap(), "10.0.0.1, 127.0.0.1");
         assert_eq!(headers.get(X_FORWARDED_PROTO).unwrap(), "http");
     }
@@ -193,7 +270,8 @@ mod tests {
             max_body_bytes: 10,
             concurrency: 1,
         };
-        set_scf_headers(&mut headers, "req-1", &key, &settings);
+        let values = ScfHeaderValues::new(&key, &settings);
+        set_scf_headers(&mut headers, &HeaderValue::from_static("req-1"), &values);
         assert_eq!(headers.get("x-scf-name").unwrap(), "hello");
         assert!(!headers.contains_key("x-scf-uin"));
         assert_eq!(headers.get("x-scf-memory").unwrap(), "256");

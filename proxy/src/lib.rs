@@ -17,6 +17,7 @@ pub mod headers;
 pub mod instance;
 pub mod metrics;
 pub mod pool;
+mod request_id;
 pub mod route;
 pub mod server;
 pub mod table;
@@ -27,7 +28,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-pub use handler::Proxy;
+pub use handler::{Client, Proxy};
 pub use instance::{Instance, InstanceState};
 pub use pool::{AcquireError, Demand, Pool};
 pub use table::{Function, FunctionKey, FunctionKind, FunctionSettings, Router};
@@ -52,7 +53,7 @@ impl Invocation {
     pub(crate) fn finish(mut self, outcome: metrics::Outcome) {
         self.finished = true;
         self.function
-            .metrics
+            .metrics()
             .record(outcome, self.started.elapsed());
     }
 }
@@ -61,7 +62,7 @@ impl Drop for Invocation {
     fn drop(&mut self) {
         if !self.finished {
             self.function
-                .metrics
+                .metrics()
                 .record(metrics::Outcome::ClientGone, self.started.elapsed());
         }
     }

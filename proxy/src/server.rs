@@ -13,7 +13,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
 use crate::admin::Admin;
-use crate::handler::Proxy;
+use crate::handler::{Client, Proxy};
 
 /// Pending connections the kernel queues before `accept`.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -65,9 +65,11 @@ pub async fn serve_proxy(
         };
         let _ = stream.set_nodelay(true);
         let proxy = Arc::clone(&proxy);
+        let peer = Client::new(client);
         let service = service_fn(move |request| {
             let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(client, request).await) }
+            let peer = peer.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle(&peer, request).await) }
         });
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())

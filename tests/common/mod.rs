@@ -288,6 +288,27 @@ impl Fngate {
         status["instances"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Waits until the API lists `count` ready instances of the function.
+    pub async fn wait_for_ready(&self, namespace: &str, function: &str, count: usize) {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        loop {
+            let ready = self
+                .instances(namespace, function)
+                .await
+                .iter()
+                .filter(|instance| instance["state"] == "ready")
+                .count();
+            if ready >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{namespace}/{function} has {ready} ready instances, expected {count}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Files under the function's log directory.
     pub fn log_files(&self, namespace: &str, function: &str) -> Vec<PathBuf> {
         let dir = self
