@@ -15,7 +15,7 @@ use fngate_proxy::{
     server, Function, FunctionKey, FunctionKind, FunctionSettings, Instance, InstanceState, Pool,
     Proxy, Router,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -34,7 +34,7 @@ const CONNECTIONS: usize = 64;
 const CONCURRENCY: u32 = 512;
 
 /// Kind of change the churn task makes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChurnMode {
     /// No changes: the baseline.
     None,
@@ -57,13 +57,14 @@ impl ChurnMode {
 }
 
 /// One load run at one churn rate.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChurnSample {
     pub mode: ChurnMode,
     /// Requested instance-list changes per second.
     pub rate: u32,
     pub repeat: u32,
     pub changes: u64,
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub changes_per_sec: f64,
     pub load: LoadResult,
 }
@@ -321,6 +322,15 @@ impl Churner {
         self.next_id += 1;
         id
     }
+}
+
+/// Rebuilds the report from the samples of an earlier run, stored in its JSON `data`.
+pub fn rebuild(
+    settings: &Settings,
+    machine: Machine,
+    data: serde_json::Value,
+) -> anyhow::Result<Report> {
+    build_report(settings, machine, serde_json::from_value(data)?)
 }
 
 fn build_report(

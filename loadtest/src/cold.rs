@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::burst::{self, Outcome};
 use crate::fngate::Fngate;
@@ -25,16 +25,22 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(90);
 const CONCURRENCY: [u32; 2] = [1, 4];
 
 /// One burst.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BurstResult {
     pub concurrency: u32,
     pub requests: usize,
     pub repeat: u32,
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub first_ms: f64,
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub last_ms: f64,
     pub ok: usize,
     pub errors: usize,
     pub error_examples: Vec<String>,
+    /// `fngate_upstream_retries_total` for the function: requests moved to another instance
+    /// because the first one never received them.
+    #[serde(default)]
+    pub upstream_retries: f64,
     /// Instances that fngate logged as exited unexpectedly, which it had counted as ready.
     pub exited_unexpectedly: usize,
     /// The error of the first failed or exited instance in fngate's log, shortened.
@@ -106,6 +112,7 @@ async fn one_burst(
     fngate
         .put_upstream_function(&name, "--workers 1", spec)
         .await?;
+
     let path = format!("/web/default/{name}/");
     let outcomes = burst::run(fngate.proxy, &path, requests, REQUEST_TIMEOUT).await;
     let labels = [("function", name.as_str()), ("result", "ready")];
@@ -115,6 +122,10 @@ async fn one_burst(
     let labels = [("function", name.as_str()), ("result", "failed")];
     let failed = fngate
         .metric_sum("fngate_instance_starts_total", &labels)
+        .await?;
+    let labels = [("function", name.as_str())];
+    let retries = fngate
+        .metric_sum("fngate_upstream_retries_total", &labels)
         .await?;
     let failure_lines = fngate.log_lines(&format!("default/{name}:"), usize::MAX);
     fngate.delete_function(&name).await?;
@@ -129,6 +140,7 @@ async fn one_burst(
         );
     }
     let mut result = summarize(concurrency, requests, repeat, &outcomes, ready, failed);
+    result.upstream_retries = retries;
     result.exited_unexpectedly = failure_lines
         .iter()
         .filter(|line| line.contains("exited unexpectedly"))
@@ -181,6 +193,7 @@ fn summarize(
         ok: completions.len(),
         errors: outcomes.len() - completions.len(),
         error_examples,
+        upstream_retries: 0.0,
         exited_unexpectedly: 0,
         failure_example: None,
         instances_ready,
@@ -190,6 +203,15 @@ fn summarize(
         boot_ms,
         completions_ms: completions,
     }
+}
+
+/// Rebuilds the report from the samples of an earlier run, stored in its JSON `data`.
+pub fn rebuild(
+    settings: &Settings,
+    machine: Machine,
+    data: serde_json::Value,
+) -> anyhow::Result<Report> {
+    build_report(settings, machine, serde_json::from_value(data)?)
 }
 
 fn build_report(
@@ -204,7 +226,8 @@ fn build_report(
          connections, then sends one GET on each at the same moment and times the responses \
          from that moment. Instances created is `fngate_instance_starts_total` for the \
          function, with `result=\"failed\"` in brackets; \"exited after ready\" counts the \
-         instances fngate logged as exited unexpectedly (both: the highest of the repeats); \
+         instances fngate logged as exited unexpectedly, and retries is \
+         `fngate_upstream_retries_total` (all three: the highest of the repeats); \
          needed is ⌈N / concurrency⌉. The platform share of a cold start is `queue` \
          minus `boot` from the `Server-Timing` header of each response that was an instance's \
          first: time spent queued that the instance's own boot does not explain. {} repeat(s); \
@@ -249,6 +272,7 @@ fn burst_table(results: &[BurstResult]) -> Table {
             "errors",
             "instances created (failed)",
             "exited after ready",
+            "retries",
             "needed",
             "platform share mean ms",
             "platform share p50 ms",
@@ -275,6 +299,7 @@ fn burst_table(results: &[BurstResult]) -> Table {
             .map(|r| r.exited_unexpectedly)
             .max()
             .unwrap_or(0);
+        let retries = runs.iter().map(|r| r.upstream_retries).fold(0.0, f64::max);
         table.push(vec![
             concurrency.to_string(),
             requests.to_string(),
@@ -283,6 +308,7 @@ fn burst_table(results: &[BurstResult]) -> Table {
             runs.iter().map(|r| r.errors).sum::<usize>().to_string(),
             format!("{created:.0} ({failed:.0})"),
             exited.to_string(),
+            format!("{retries:.0}"),
             requests.div_ceil(concurrency as usize).to_string(),
             fmt(mean(&share), 2),
             fmt(median(&share), 2),

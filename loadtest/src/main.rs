@@ -35,6 +35,9 @@ enum Command {
     TableScale(CommonArgs),
     /// Every scenario in order: warm, cold-burst, churn, table-scale.
     All(CommonArgs),
+    /// Rebuild the markdown, plots and page sections from the JSON results under --out, without
+    /// running anything (after a change to how reports are written).
+    Render(CommonArgs),
     /// Measure one routing-table size and print JSON (run by table-scale in a child process).
     #[command(hide = true)]
     TableScaleOne(table_scale::OneArgs),
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::ColdBurst(args) => run_scenarios(&args, &["cold-burst"]),
         Command::Churn(args) => run_scenarios(&args, &["churn"]),
         Command::TableScale(args) => run_scenarios(&args, &["table-scale"]),
+        Command::Render(args) => render(&args),
         Command::All(args) => {
             let names: Vec<&str> = SCENARIOS.iter().map(|(name, _)| *name).collect();
             run_scenarios(&args, &names)
@@ -85,6 +89,8 @@ fn run_scenarios(args: &CommonArgs, names: &[&str]) -> anyhow::Result<()> {
         let mut report = runtime
             .block_on(run_until_signal(name, &settings))
             .with_context(|| format!("scenario {name} failed"))?;
+        report.repeats = settings.repeats;
+        report.duration_secs = settings.duration.as_secs_f64();
         report.write(&settings.out)?;
         if let Some(page) = &settings.page {
             update_page(page, &settings, &report)?;
@@ -114,6 +120,50 @@ async fn run_scenario(name: &str, settings: &Settings) -> anyhow::Result<Report>
         "table-scale" => table_scale::run(settings).await,
         other => anyhow::bail!("unknown scenario {other:?}"),
     }
+}
+
+/// Rebuilds every report found under the output directory from its stored samples, keeping the
+/// original command, dates, machine and run settings.
+fn render(args: &CommonArgs) -> anyhow::Result<()> {
+    let settings = Settings::resolve(args)?;
+    let mut found = false;
+    for (name, _) in SCENARIOS {
+        let Some(old) = report::read_report(&settings.out, name) else {
+            continue;
+        };
+        found = true;
+        let mut run = settings.clone();
+        run.quick = old.quick;
+        if old.repeats > 0 && old.duration_secs > 0.0 {
+            run.repeats = old.repeats;
+            run.duration = std::time::Duration::from_secs_f64(old.duration_secs);
+        }
+        let rebuilt = match name {
+            "warm" => warm::rebuild(&run, old.machine.clone(), old.data.clone()),
+            "cold-burst" => cold::rebuild(&run, old.machine.clone(), old.data.clone()),
+            "churn" => churn::rebuild(&run, old.machine.clone(), old.data.clone()),
+            _ => table_scale::rebuild(&run, old.machine.clone(), old.data.clone()),
+        };
+        let mut report = rebuilt.with_context(|| {
+            format!("failed to rebuild {name} from its JSON results; rerun the scenario")
+        })?;
+        report.command = old.command;
+        report.date = old.date;
+        report.load_average_at_end = old.load_average_at_end;
+        report.repeats = run.repeats;
+        report.duration_secs = run.duration.as_secs_f64();
+        report.write(&settings.out)?;
+        if let Some(page) = &settings.page {
+            update_page(page, &settings, &report)?;
+        }
+    }
+    if !found {
+        anyhow::bail!(
+            "no results found under {}; run a scenario first or pass --out",
+            settings.out.display()
+        );
+    }
+    Ok(())
 }
 
 /// Replaces the scenario's section and the target summary on the benchmark page.

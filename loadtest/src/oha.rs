@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::procs::{self, ChildGuard};
 
@@ -24,7 +24,7 @@ pub struct Load<'a> {
 }
 
 /// Figures of one oha run. Latencies are in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoadResult {
     /// Responses with a 2xx status.
     pub ok: u64,
@@ -34,10 +34,15 @@ pub struct LoadResult {
     pub errors: u64,
     /// Requests still in flight when the run ended, which oha aborts.
     pub aborted_at_deadline: u64,
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub seconds: f64,
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub requests_per_sec: f64,
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub p50_ms: f64,
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub p99_ms: f64,
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub p999_ms: f64,
 }
 

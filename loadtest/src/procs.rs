@@ -121,7 +121,7 @@ fn clock_ticks_per_second() -> f64 {
 }
 
 /// Resident memory of a process: current (`VmRSS`) and peak (`VmHWM`), in KiB.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Memory {
     pub rss_kib: u64,
     pub hwm_kib: u64,

@@ -1,6 +1,6 @@
 //! nginx and haproxy as plain reverse proxies in front of the same instances fngate routes to,
-//! each run as the current user from a temporary directory that holds its config, pid file and
-//! logs.
+//! each run as the current user from a temporary directory that contains its config, pid file
+//! and logs.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -126,8 +126,8 @@ fn finish_start(
     })
 }
 
-/// An nginx config for a plain reverse proxy: both directions streamed (no buffering to disk)
-/// through buffers large enough for the 64 KiB bodies, upstream connections kept alive, no
+/// Builds an nginx config for a plain reverse proxy: both directions streamed (no buffering to
+/// disk) through buffers large enough for the 64 KiB bodies, upstream connections kept alive, no
 /// access log.
 fn nginx_config(dir: &Path, port: u16, upstreams: &[SocketAddr], workers: usize) -> String {
     let dir = dir.display();
@@ -184,7 +184,7 @@ http {{
     )
 }
 
-/// An haproxy config for a plain HTTP reverse proxy with keep-alive on both sides and idle
+/// Builds an haproxy config for a plain HTTP reverse proxy with keep-alive on both sides and idle
 /// upstream connections reused across client connections.
 fn haproxy_config(port: u16, upstreams: &[SocketAddr], threads: usize) -> String {
     let servers: String = upstreams

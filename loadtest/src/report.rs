@@ -20,6 +20,7 @@ pub struct Machine {
     pub cpu_model: String,
     /// One-minute load average when the scenario started; above about 0.5 on this machine,
     /// something else was running.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub load_average_at_start: f64,
 }
 
@@ -48,7 +49,7 @@ impl Machine {
         }
     }
 
-    /// One line for the report: cores, memory, kernel, CPU and load.
+    /// Describes the machine in one line: cores, CPU, memory, kernel and load.
     pub fn describe(&self) -> String {
         format!(
             "{} cores ({}), {} GiB memory, Linux {}; load average {:.2} at start",
@@ -143,9 +144,15 @@ pub struct Report {
     /// When the report was built, at the end of the scenario.
     pub date: String,
     pub quick: bool,
+    /// Repeats per point and seconds per load run, for rebuilding the report later.
+    #[serde(default)]
+    pub repeats: u32,
+    #[serde(default)]
+    pub duration_secs: f64,
     pub machine: Machine,
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub load_average_at_end: f64,
-    /// How the scenario measures, one paragraph per entry.
+    /// Description of the method, one paragraph per entry.
     pub method: Vec<String>,
     pub tables: Vec<Table>,
     pub plots: Vec<Plot>,
@@ -163,6 +170,8 @@ impl Report {
             command: command_line(),
             date: utc_now(),
             quick,
+            repeats: 0,
+            duration_secs: 0.0,
             machine,
             load_average_at_end: f64::NAN,
             method: Vec::new(),
@@ -227,7 +236,9 @@ impl Report {
 
     /// Writes `<scenario>.json` and `<scenario>.md` under `out` and prints the markdown.
     pub fn write(&mut self, out: &Path) -> anyhow::Result<()> {
-        self.load_average_at_end = load_average();
+        if self.load_average_at_end.is_nan() {
+            self.load_average_at_end = load_average();
+        }
         std::fs::create_dir_all(out)
             .with_context(|| format!("failed to create output directory {}", out.display()))?;
         let json_path = out.join(format!("{}.json", self.scenario));
@@ -254,7 +265,8 @@ pub fn read_report(out: &Path, scenario: &str) -> Option<Report> {
     serde_json::from_str(&text).ok()
 }
 
-/// A markdown table of every target in the reports found under `out`, with each report's date.
+/// Builds a markdown table of every target in the reports found under `out`, with each report's
+/// finish time.
 pub fn target_summary(out: &Path, scenarios: &[&str]) -> String {
     let mut table = Table::new("", &["target", "measured", "verdict", "scenario, finished"]);
     for scenario in scenarios {
@@ -295,7 +307,7 @@ pub fn update_page(page: &Path, name: &str, heading: &str, body: &str) -> anyhow
     std::fs::write(page, updated).with_context(|| format!("failed to write {}", page.display()))
 }
 
-/// The link prefix from `page`'s directory to `out`, such as `loadtest/results/`.
+/// Returns the link prefix from `page`'s directory to `out`, such as `loadtest/results/`.
 pub fn image_dir_for(page: &Path, out: &Path) -> String {
     let page_dir = page
         .parent()
@@ -324,7 +336,7 @@ fn command_line() -> String {
         .join(" ")
 }
 
-/// The current time as `YYYY-MM-DD HH:MM UTC`.
+/// Returns the current time as `YYYY-MM-DD HH:MM UTC`.
 pub fn utc_now() -> String {
     let seconds = SystemTime::now()
         .duration_since(UNIX_EPOCH)

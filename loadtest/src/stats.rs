@@ -15,6 +15,12 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Deserializes a number that serde_json wrote as `null` because it was NaN.
+pub fn f64_or_nan<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
+}
+
 /// Arithmetic mean of `values`. NaN when empty.
 pub fn mean(values: &[f64]) -> f64 {
     let finite: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();

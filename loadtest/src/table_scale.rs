@@ -42,16 +42,22 @@ pub struct SizeResult {
     pub functions: usize,
     pub instances_per_function: usize,
     /// `Router::replace` into an empty router: every function is new.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub first_build_ms: f64,
     /// Adding the instances to every function's pool, in total.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub add_instances_ms: f64,
     /// `Router::replace` with the same functions (median): the table is rebuilt and swapped,
     /// and every pool carries over.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub rebuild_swap_ms: f64,
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub rebuild_swap_max_ms: f64,
     /// `Router::upsert` of one new function into the full table (median).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub upsert_one_ms: f64,
     /// `Router::lookup` of random existing keys.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub lookup_ns: f64,
     pub lookups: usize,
     pub rss_delta_mib: f64,
@@ -209,6 +215,15 @@ fn time_lookups(router: &Router, keys: &[FunctionKey], count: usize) -> anyhow::
         }
     }
     Ok(started.elapsed().as_secs_f64() * 1e9 / count as f64)
+}
+
+/// Rebuilds the report from the samples of an earlier run, stored in its JSON `data`.
+pub fn rebuild(
+    settings: &Settings,
+    machine: Machine,
+    data: serde_json::Value,
+) -> anyhow::Result<Report> {
+    build_report(settings, machine, serde_json::from_value(data)?)
 }
 
 fn build_report(

@@ -87,7 +87,7 @@ async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            // Errors here are clients that went away mid-request; there is nobody to tell.
+            // An error here means the client went away mid-request, so no one is left to tell.
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service_fn(respond))
                 .await;

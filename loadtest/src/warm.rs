@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::fngate::Fngate;
 use crate::oha::{self, Load, LoadResult};
@@ -30,7 +30,7 @@ pub const LARGE_BODY_BYTES: usize = 64 * 1024;
 const PROXY_WORKERS: usize = 2;
 
 /// Destination of a load run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Target {
     Direct,
     Nginx,
@@ -57,7 +57,7 @@ impl Target {
 }
 
 /// The request sent in a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BodyKind {
     /// `GET` with no body; the instance returns a small body.
     Small,
@@ -82,7 +82,7 @@ impl BodyKind {
 }
 
 /// One load run against one target.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sample {
     pub target: Target,
     pub body: BodyKind,
@@ -149,6 +149,15 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Report> {
     haproxy.stop();
     tokio::task::spawn_blocking(move || fngate.stop()).await?;
     warm_report::build(settings, machine, samples)
+}
+
+/// Rebuilds the report from the samples of an earlier run, stored in its JSON `data`.
+pub fn rebuild(
+    settings: &Settings,
+    machine: Machine,
+    data: serde_json::Value,
+) -> anyhow::Result<Report> {
+    warm_report::build(settings, machine, serde_json::from_value(data)?)
 }
 
 /// Connection counts and bodies measured.
