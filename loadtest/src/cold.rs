@@ -229,8 +229,10 @@ fn build_report(
          instances fngate logged as exited unexpectedly, and retries is \
          `fngate_upstream_retries_total` (all three: the highest of the repeats); \
          needed is ⌈N / concurrency⌉. The platform share of a cold start is `queue` \
-         minus `boot` from the `Server-Timing` header of each response that was an instance's \
-         first: time spent queued that the instance's own boot does not explain. {} repeat(s); \
+         minus `boot` from the `Server-Timing` header of each response that carries both \
+         (fngate adds `boot` to an instance's first response; \"responses with boot\" counts \
+         them, median over repeats): time spent queued that the instance's own boot does not \
+         explain. {} repeat(s); \
          times are medians over repeats, shares are pooled over repeats. The function is \
          deleted and its instances have exited before the next burst.",
         settings.repeats
@@ -273,6 +275,7 @@ fn burst_table(results: &[BurstResult]) -> Table {
             "instances created (failed)",
             "exited after ready",
             "retries",
+            "responses with boot",
             "needed",
             "platform share mean ms",
             "platform share p50 ms",
@@ -309,6 +312,7 @@ fn burst_table(results: &[BurstResult]) -> Table {
             format!("{created:.0} ({failed:.0})"),
             exited.to_string(),
             format!("{retries:.0}"),
+            fmt(times(|r| r.platform_share_ms.len() as f64), 0),
             requests.div_ceil(concurrency as usize).to_string(),
             fmt(mean(&share), 2),
             fmt(median(&share), 2),
@@ -392,10 +396,12 @@ fn targets(results: &[BurstResult]) -> Vec<TargetCheck> {
 fn error_notes(results: &[BurstResult]) -> Vec<String> {
     let mut notes = vec![
         "`queue − boot` pairs a request with the instance that served it first, which need not \
-         be the instance its arrival started: an instance that became ready early may take a \
-         request that queued after that instance's start, so single values can be negative. \
-         The mean does not depend on this pairing (it is the mean time from a request queueing \
-         to an instance start, plus the hand-over after readiness), so the target uses the mean."
+         be the instance its arrival started, so single values can be negative. Over a whole \
+         burst the pairing cancels out in the mean (the mean time from a request queueing to an \
+         instance start, plus the hand-over after readiness) only when every new instance's \
+         first response carries `boot`. Where \"responses with boot\" is below the instances \
+         created, fngate left `boot` off some first responses, so the mean is an estimate and \
+         can even be negative."
             .to_owned(),
     ];
     for r in results {
