@@ -13,7 +13,7 @@ use crate::model::FunctionSpec;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// What a backend needs to start one instance.
+/// Input a backend needs to start one instance.
 #[derive(Debug, Clone)]
 pub struct StartRequest {
     /// Never reused within one control plane process; names the instance in logs and files.
@@ -23,7 +23,7 @@ pub struct StartRequest {
     pub code_dir: PathBuf,
 }
 
-/// Why an instance failed to start or stopped on its own.
+/// Reason an instance failed to start or stopped on its own.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum InstanceFailure {
     /// The process exited; `status` is its exit status as text ("exit status 1", "signal 9"),

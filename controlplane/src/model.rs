@@ -188,7 +188,7 @@ mod defaults {
 }
 
 impl FunctionSpec {
-    /// The event runtime in effect, the default when none is set.
+    /// Returns the event runtime in effect, the default when none is set.
     pub fn event_runtime(&self) -> EventRuntime {
         self.runtime.unwrap_or_default()
     }

@@ -40,7 +40,7 @@ pub struct Resolved {
     pub generation: u64,
 }
 
-/// How a scaler should end.
+/// Shutdown mode of a scaler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
     /// Keep running.
@@ -85,7 +85,7 @@ struct Managed {
     instance: Arc<Instance>,
     running: Arc<dyn RunningInstance>,
     /// Ends the task that waits for the instance to exit on its own. That wait never resolves
-    /// once the instance was asked to stop, so the task must be told to let go of it.
+    /// once the instance was asked to stop, so the task must be cancelled to release it.
     exit_watch: Option<oneshot::Sender<()>>,
     generation: u64,
     memory_mb: u64,

@@ -20,7 +20,7 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Answers one admin request.
+    /// Handles one admin request.
     pub async fn handle(
         &self,
         request: Request<Incoming>,

@@ -38,11 +38,11 @@ const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 /// How long a client may take to send an event body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Runtime wrapper error code for a full invocation queue, which says nothing about the
-/// instance's health.
+/// Runtime wrapper error code for a full invocation queue. A full queue does not mean the
+/// instance is unhealthy.
 const TOO_MANY_PENDING: &[u8] = b"TooManyPendingInvocations";
 
-/// How one attempt to hand an event to an instance ended.
+/// Result of one attempt to hand an event to an instance.
 enum Attempt {
     Done(Box<Result<Response<ProxyBody>, ProxyError>>),
     /// The instance never received the event; another instance may take it.
@@ -113,7 +113,7 @@ pub(crate) async fn invoke(
     Err(retries_exhausted(function, &last_cause))
 }
 
-/// Sends the event on the slot held by `permit` and reads the whole answer, within the
+/// Sends the event on the slot held by `permit` and reads the whole response, within the
 /// execution timeout. Runs as its own task so that the slot outlives a departed client.
 async fn exchange(
     function: Arc<Function>,

@@ -20,7 +20,7 @@ pub const IN_FLIGHT: &str = "fngate_in_flight_requests";
 pub const ROUTABLE_INSTANCES: &str = "fngate_routable_instances";
 pub const UPSTREAM_RETRIES: &str = "fngate_upstream_retries_total";
 
-/// How an invocation ended, as the `outcome` label.
+/// Ending of an invocation, as the `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Success,

@@ -7,7 +7,7 @@ use crate::error::ProxyError;
 /// Qualifier used when a request names none.
 pub const DEFAULT_QUALIFIER: &str = "$LATEST";
 
-/// What a request path addresses.
+/// Target of a request path.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route<'a> {
     /// `POST /functions/{namespace}/{function}/invocations`.

@@ -15,7 +15,7 @@ use crate::headers::ScfHeaderValues;
 use crate::metrics::FunctionMetrics;
 use crate::pool::{AcquireError, Pool};
 
-/// How a function is invoked through the proxy.
+/// Invocation style of a function in the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FunctionKind {
     /// `POST /functions/{namespace}/{function}/invocations`, forwarded as `POST /event-invoke`.
@@ -24,7 +24,7 @@ pub enum FunctionKind {
     Web,
 }
 
-/// What the proxy needs to know about one function version.
+/// Settings the proxy applies to one function version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunctionSettings {
     pub kind: FunctionKind,
@@ -122,7 +122,7 @@ impl Function {
     }
 }
 
-/// Why a route lookup found nothing.
+/// Reason a route lookup found nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LookupError {
     #[error("namespace {namespace:?} not found")]

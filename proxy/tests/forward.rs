@@ -88,7 +88,7 @@ async fn echo_upstream(connections: Arc<AtomicUsize>) -> SocketAddr {
     addr
 }
 
-/// An address where nothing listens.
+/// Returns an address where nothing listens.
 async fn dead_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap()

@@ -376,7 +376,7 @@ impl Reply {
             .map(|v| v.to_str().unwrap().to_owned())
     }
 
-    /// The `error.code` of a JSON error body.
+    /// Returns the `error.code` of a JSON error body.
     pub fn error_code(&self) -> String {
         self.json()["error"]["code"]
             .as_str()
@@ -437,7 +437,7 @@ pub async fn invoke(fngate: &Fngate, namespace: &str, function: &str, event: &st
     .await
 }
 
-/// A platform file with the `default` namespace and the given `[[function]]` tables.
+/// Builds a platform file with the `default` namespace and the given `[[function]]` tables.
 pub fn platform_file(functions: &str) -> String {
     format!("[[namespace]]\nname = \"default\"\n\n{functions}")
 }

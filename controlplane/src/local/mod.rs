@@ -174,7 +174,7 @@ struct PortLease {
     ports: Arc<Mutex<HashSet<u16>>>,
 }
 
-/// Attempts to find a port no other instance holds before giving up.
+/// Number of attempts to find a port no other instance leases before giving up.
 const PORT_ATTEMPTS: usize = 64;
 
 impl PortLease {
