@@ -1,0 +1,1 @@
+//! A Kubernetes API test server and a simulated node.
