@@ -201,6 +201,7 @@ async fn deploy_config(
     let default_namespace = NamespaceSpec {
         name: "default".to_owned(),
         memory_quota_mb: 0,
+        kubernetes: None,
     };
     let Some(path) = path else {
         platform.put_namespace(default_namespace).await?;

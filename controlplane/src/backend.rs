@@ -82,6 +82,19 @@ pub trait RunningInstance: Send + Sync {
     /// scaler can call it in a `select!` loop.
     fn exited(&self) -> BoxFuture<'_, InstanceFailure>;
 
+    /// The instance object when the backend's route source already routes it (in k8s mode the
+    /// proxy's pod watcher does). The scaler then uses it instead of making one, and does not
+    /// add it to the pool itself.
+    fn routed(&self) -> Option<Arc<fngate_proxy::Instance>> {
+        None
+    }
+
+    /// Tells every route source to stop sending new requests here, ahead of `stop`. The
+    /// scaler has already taken the instance out of its own pool.
+    fn drain(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
     /// Stops the instance: SIGTERM (or pod deletion), then a forced kill once `grace` passed.
     /// Resolves when it is gone. Calling it after the instance exited returns at once.
     fn stop(&self, grace: Duration) -> BoxFuture<'_, ()>;

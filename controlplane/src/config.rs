@@ -23,7 +23,7 @@ use crate::validate;
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// The namespaces and functions a platform file declares, in file order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PlatformFile {
     /// Declared namespaces, preceded by an implicit `default` when a function uses it and the
     /// file does not declare it.
@@ -157,8 +157,17 @@ fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<PlatformFile, Confi
             NamespaceSpec {
                 name: DEFAULT_NAMESPACE.to_string(),
                 memory_quota_mb: 0,
+                kubernetes: None,
             },
         );
+    }
+    // A relative kubeconfig path is relative to the platform file, as code paths are.
+    for binding in namespaces.iter_mut().filter_map(|n| n.kubernetes.as_mut()) {
+        if let Some(kubeconfig) = binding.kubeconfig.as_mut() {
+            if kubeconfig.is_relative() {
+                *kubeconfig = base_dir.join(&*kubeconfig);
+            }
+        }
     }
     Ok(PlatformFile {
         namespaces,

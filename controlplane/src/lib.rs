@@ -6,6 +6,7 @@ pub mod backend;
 pub mod code;
 pub mod config;
 pub mod error;
+pub mod k8s;
 pub mod local;
 pub mod model;
 pub mod platform;

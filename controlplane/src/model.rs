@@ -14,7 +14,7 @@ pub const LATEST: &str = "$LATEST";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 6 * 1024 * 1024;
 
 /// A function namespace: a group of functions sharing one memory quota.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceSpec {
     /// Defaults to empty so an API body may omit it (the URL path names the namespace); an
@@ -25,6 +25,43 @@ pub struct NamespaceSpec {
     /// Zero means no quota.
     #[serde(default)]
     pub memory_quota_mb: u64,
+    /// Present in k8s mode: the cluster and k8s namespace where the functions' instances run
+    /// as pods. Absent means default mode (local processes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeBinding>,
+}
+
+/// Where a k8s-mode namespace runs its pods, and how they are placed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeBinding {
+    /// Kubeconfig file with the cluster's credentials; absent means the in-cluster service
+    /// account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Context in the kubeconfig; absent means its current context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// The k8s namespace for runtime pods. It must exist.
+    pub namespace: String,
+    /// The function directory on the nodes, mounted read-only into runtime pods. Code under
+    /// the control plane's function directory is expected at the same relative path here.
+    #[serde(default = "defaults::node_function_dir")]
+    pub function_dir: PathBuf,
+    /// Image of the runtime pods, with the runtime wrapper at
+    /// `/usr/local/bin/fngate-runtime`.
+    #[serde(default = "defaults::runtime_image")]
+    pub runtime_image: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+    /// How often the pod watcher lists all runtime pods again, as a guard against missed
+    /// watch events.
+    #[serde(default = "defaults::resync_interval_ms")]
+    pub resync_interval_ms: u64,
 }
 
 /// Invocation style of a function.
@@ -158,6 +195,17 @@ pub struct FunctionSpec {
 }
 
 mod defaults {
+    use std::path::PathBuf;
+
+    pub fn node_function_dir() -> PathBuf {
+        PathBuf::from("/var/lib/fngate")
+    }
+    pub fn runtime_image() -> String {
+        format!("fngate/runtime:{}", env!("CARGO_PKG_VERSION"))
+    }
+    pub fn resync_interval_ms() -> u64 {
+        300_000
+    }
     pub fn memory_mb() -> u32 {
         128
     }

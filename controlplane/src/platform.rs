@@ -70,6 +70,8 @@ struct FunctionEntry {
 struct NamespaceEntry {
     spec: NamespaceSpec,
     quota: Arc<Quota>,
+    /// Local processes, or pods of the bound cluster in k8s mode.
+    backend: Arc<dyn InstanceBackend>,
     functions: BTreeMap<String, FunctionEntry>,
 }
 
@@ -111,10 +113,37 @@ impl Platform {
     pub async fn put_namespace(&self, spec: NamespaceSpec) -> Result<Applied, PlatformError> {
         crate::validate::namespace(&spec)?;
         let _change = self.changes.lock().await;
+        let rebind = {
+            let namespaces = self.namespaces.lock();
+            match namespaces.get(&spec.name) {
+                Some(entry) if entry.spec.kubernetes != spec.kubernetes => {
+                    if !entry.functions.is_empty() {
+                        return Err(PlatformError::Conflict(format!(
+                            "namespace {:?} has {} functions; changing its kubernetes binding \
+                             while functions run is not supported yet, delete them first",
+                            spec.name,
+                            entry.functions.len()
+                        )));
+                    }
+                    true
+                }
+                Some(_) => false,
+                None => true,
+            }
+        };
+        // Connecting reads the kubeconfig, so it happens before the namespace lock is taken.
+        let backend = if rebind {
+            Some(self.backend_for(&spec).await?)
+        } else {
+            None
+        };
         let mut namespaces = self.namespaces.lock();
         if let Some(entry) = namespaces.get_mut(&spec.name) {
             if entry.spec == spec {
                 return Ok(Applied::Unchanged);
+            }
+            if let Some(backend) = backend {
+                entry.backend = backend;
             }
             let functions: Vec<&FunctionSpec> =
                 entry.functions.values().map(|f| f.spec.as_ref()).collect();
@@ -128,12 +157,34 @@ impl Platform {
         namespaces.insert(
             spec.name.clone(),
             NamespaceEntry {
+                backend: backend.expect("a new namespace gets a backend"),
                 quota: Arc::new(Quota::new(spec.memory_quota_mb)),
                 spec,
                 functions: BTreeMap::new(),
             },
         );
         Ok(Applied::Created)
+    }
+
+    /// The backend for a namespace: the local one, or pods of its bound cluster.
+    async fn backend_for(
+        &self,
+        spec: &NamespaceSpec,
+    ) -> Result<Arc<dyn InstanceBackend>, PlatformError> {
+        match &spec.kubernetes {
+            None => Ok(Arc::clone(&self.backend)),
+            Some(binding) => {
+                let backend = crate::k8s::KubeBackend::connect(
+                    binding,
+                    Arc::clone(&self.router),
+                    self.config.function_dir.clone(),
+                )
+                .await?;
+                tracing::info!(namespace = %spec.name, k8s_namespace = %binding.namespace,
+                    "namespace bound to a Kubernetes cluster; its instances run as pods");
+                Ok(Arc::new(backend))
+            }
+        }
     }
 
     /// Deletes an empty namespace.
@@ -247,7 +298,7 @@ impl Platform {
         let status = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(scaler::run(ScalerParts {
             function,
-            backend: Arc::clone(&self.backend),
+            backend: Arc::clone(&namespace.backend),
             quota: Arc::clone(&namespace.quota),
             resolved: resolved_rx,
             stop: stop_rx,

@@ -229,9 +229,9 @@ impl Scaler {
         let keep_warm = spec.keep_warm();
         let mut idle: Vec<(u64, Duration)> = self
             .ready
-            .values()
-            .filter(|m| m.instance.in_flight() == 0 && m.instance.idle_for() >= keep_warm)
-            .map(|m| (m.instance.id(), m.instance.idle_for()))
+            .iter()
+            .filter(|(_, m)| m.instance.in_flight() == 0 && m.instance.idle_for() >= keep_warm)
+            .map(|(id, m)| (*id, m.instance.idle_for()))
             .collect();
         idle.sort_by_key(|entry| std::cmp::Reverse(entry.1));
         for (id, idle_for) in idle.into_iter().take(excess) {
@@ -245,9 +245,9 @@ impl Scaler {
     fn retire_failed(&mut self) {
         let failed: Vec<u64> = self
             .ready
-            .values()
-            .filter(|m| m.instance.state() == InstanceState::Failed)
-            .map(|m| m.instance.id())
+            .iter()
+            .filter(|(_, m)| m.instance.state() == InstanceState::Failed)
+            .map(|(id, _)| *id)
             .collect();
         for id in failed {
             tracing::warn!(function = %self.parts.function.key, instance = id,
@@ -262,7 +262,10 @@ impl Scaler {
             return;
         };
         managed.exit_watch.take();
-        self.parts.function.pool.remove_instance(id, state);
+        self.parts
+            .function
+            .pool
+            .remove_instance(managed.instance.id(), state);
         managed.instance.set_state(state);
         let label = if state == InstanceState::Draining {
             "draining"
@@ -274,6 +277,7 @@ impl Scaler {
         let drain_grace = self.resolved().spec.timeout() + Duration::from_secs(1);
         let events = self.events_tx.clone();
         tokio::spawn(async move {
+            managed.running.drain().await;
             if state == InstanceState::Draining {
                 let _ = tokio::time::timeout(drain_grace, managed.instance.wait_idle()).await;
             }
@@ -292,9 +296,9 @@ impl Scaler {
         let generation = self.resolved().generation;
         let outdated: Vec<u64> = self
             .ready
-            .values()
-            .filter(|m| m.generation != generation)
-            .map(|m| m.instance.id())
+            .iter()
+            .filter(|(_, m)| m.generation != generation)
+            .map(|(id, _)| *id)
             .collect();
         for id in outdated {
             tracing::info!(function = %self.parts.function.key, instance = id,
@@ -325,7 +329,7 @@ impl Scaler {
                     self.parts
                         .function
                         .pool
-                        .remove_instance(id, InstanceState::Failed);
+                        .remove_instance(managed.instance.id(), InstanceState::Failed);
                     self.parts.quota.release(managed.memory_mb);
                     tracing::warn!(function = %self.parts.function.key, instance = id,
                         error = %failure, "instance exited unexpectedly");
@@ -352,12 +356,16 @@ impl Scaler {
         let key = &self.parts.function.key;
         counter!("fngate_instance_starts_total", "namespace" => key.namespace.clone(), "function" => key.name.clone(), "result" => "ready").increment(1);
         histogram!("fngate_instance_boot_seconds", "namespace" => key.namespace.clone(), "function" => key.name.clone()).record(running.boot_time().as_secs_f64());
-        let instance = Arc::new(Instance::new(
-            id,
-            running.addr(),
-            resolved.spec.concurrency,
-            running.boot_time(),
-        ));
+        // In k8s mode the pod watcher made the instance and routes it already.
+        let routed = running.routed();
+        let instance = routed.clone().unwrap_or_else(|| {
+            Arc::new(Instance::new(
+                id,
+                running.addr(),
+                resolved.spec.concurrency,
+                running.boot_time(),
+            ))
+        });
         let (exit_watch, cancelled) = oneshot::channel::<()>();
         let managed = Managed {
             instance: Arc::clone(&instance),
@@ -385,7 +393,9 @@ impl Scaler {
             self.retire(id, InstanceState::Draining);
             return;
         }
-        self.parts.function.pool.add_instance(instance);
+        if routed.is_none() {
+            self.parts.function.pool.add_instance(instance);
+        }
     }
 
     fn on_start_failed(&mut self, id: u64, memory_mb: u64, failure: InstanceFailure) {

@@ -8,7 +8,9 @@
 use std::fmt::Display;
 
 use crate::error::PlatformError;
-use crate::model::{CodeSource, EventRuntime, FunctionKind, FunctionSpec, NamespaceSpec};
+use crate::model::{
+    CodeSource, EventRuntime, FunctionKind, FunctionSpec, KubeBinding, NamespaceSpec,
+};
 
 /// Maximum length of a namespace or function name, SCF's limit for function names.
 pub const NAME_MAX_LEN: usize = 60;
@@ -43,7 +45,170 @@ pub const RESERVED_ENV_NAMES: [&str; 1] = ["PORT"];
 
 /// Checks a namespace spec: only its name has rules.
 pub fn namespace(spec: &NamespaceSpec) -> Result<(), PlatformError> {
-    check_name("name", "namespace", &spec.name)
+    check_name("name", "namespace", &spec.name)?;
+    match &spec.kubernetes {
+        Some(binding) => check_binding(binding),
+        None => Ok(()),
+    }
+}
+
+/// Shortest pod watcher relist interval in ms; shorter relists load the kube API for little gain.
+pub const RESYNC_INTERVAL_MS_MIN: u64 = 1_000;
+const TOLERATION_OPERATORS: [&str; 2] = ["Equal", "Exists"];
+const TAINT_EFFECTS: [&str; 3] = ["NoSchedule", "PreferNoSchedule", "NoExecute"];
+
+/// Checks a k8s-mode binding: what the pods' spec and the watcher take from it.
+fn check_binding(binding: &KubeBinding) -> Result<(), PlatformError> {
+    let field = |name: &str| format!("kubernetes.{name}");
+    if let Some(problem) = dns_label_problem(&binding.namespace) {
+        return Err(PlatformError::invalid(
+            field("namespace"),
+            format!("{problem}; a k8s namespace is 1 to 63 lowercase letters, digits and '-', starting and ending with a letter or digit"),
+        ));
+    }
+    if binding.context.as_deref() == Some("") {
+        return Err(PlatformError::invalid(
+            field("context"),
+            "is empty; name a context of the kubeconfig or leave the field out for its current context",
+        ));
+    }
+    if !binding.function_dir.is_absolute() {
+        return Err(PlatformError::invalid(
+            field("function_dir"),
+            format!(
+                "must be an absolute path on the nodes, got {:?}",
+                binding.function_dir
+            ),
+        ));
+    }
+    if binding.runtime_image.trim().is_empty()
+        || binding.runtime_image.contains(char::is_whitespace)
+    {
+        return Err(PlatformError::invalid(
+            field("runtime_image"),
+            format!(
+                "must be an image reference without spaces, got {:?}",
+                binding.runtime_image
+            ),
+        ));
+    }
+    for (key, value) in &binding.node_selector {
+        if let Some(problem) = label_key_problem(key) {
+            return Err(PlatformError::invalid(
+                field(&format!("node_selector.{key}")),
+                format!("{problem} in the label key {key:?}"),
+            ));
+        }
+        if let Some(problem) = label_value_problem(value) {
+            return Err(PlatformError::invalid(
+                field(&format!("node_selector.{key}")),
+                format!("{problem} in the label value {value:?}"),
+            ));
+        }
+    }
+    for (index, toleration) in binding.tolerations.iter().enumerate() {
+        let at = |name: &str| field(&format!("tolerations[{index}].{name}"));
+        let operator = toleration.operator.as_deref().unwrap_or("Equal");
+        if !TOLERATION_OPERATORS.contains(&operator) {
+            return Err(PlatformError::invalid(
+                at("operator"),
+                format!("unknown operator {operator:?}; use \"Equal\" or \"Exists\""),
+            ));
+        }
+        if let Some(effect) = toleration.effect.as_deref().filter(|e| !e.is_empty()) {
+            if !TAINT_EFFECTS.contains(&effect) {
+                return Err(PlatformError::invalid(
+                    at("effect"),
+                    format!("unknown effect {effect:?}; use one of {TAINT_EFFECTS:?}, or leave it out to match every effect"),
+                ));
+            }
+        }
+        let has_value = toleration.value.as_deref().is_some_and(|v| !v.is_empty());
+        if operator == "Exists" && has_value {
+            return Err(PlatformError::invalid(
+                at("value"),
+                "must be empty with operator \"Exists\"",
+            ));
+        }
+        if operator == "Equal" && toleration.key.as_deref().unwrap_or("").is_empty() {
+            return Err(PlatformError::invalid(
+                at("key"),
+                "is required with operator \"Equal\"; use operator \"Exists\" to tolerate every taint",
+            ));
+        }
+    }
+    if binding.resync_interval_ms < RESYNC_INTERVAL_MS_MIN {
+        return Err(PlatformError::invalid(
+            field("resync_interval_ms"),
+            format!(
+                "must be at least {RESYNC_INTERVAL_MS_MIN}, got {}",
+                binding.resync_interval_ms
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Why `value` is not a DNS-1123 label (a k8s namespace name), if it is not.
+fn dns_label_problem(value: &str) -> Option<String> {
+    if value.is_empty() {
+        return Some("is missing or empty".to_owned());
+    }
+    if value.len() > 63 {
+        return Some(format!("is {} characters long, got {value:?}", value.len()));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Some(format!("contains {c:?}, got {value:?}"));
+    }
+    if value.starts_with('-') || value.ends_with('-') {
+        return Some(format!("starts or ends with '-', got {value:?}"));
+    }
+    None
+}
+
+/// Why `key` is not a label key (`[prefix/]name`), if it is not.
+fn label_key_problem(key: &str) -> Option<String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        let bad = prefix.is_empty()
+            || prefix.len() > 253
+            || prefix
+                .split('.')
+                .any(|part| dns_label_problem(part).is_some());
+        if bad {
+            return Some("an invalid prefix (a DNS subdomain is expected before '/')".to_owned());
+        }
+    }
+    if name.is_empty() {
+        return Some("an empty name".to_owned());
+    }
+    label_value_problem(name)
+}
+
+/// Why `value` is not a label value (at most 63 letters, digits, '-', '_' and '.', starting
+/// and ending with a letter or digit), if it is not.
+fn label_value_problem(value: &str) -> Option<String> {
+    if value.len() > 63 {
+        return Some(format!("{} characters (at most 63)", value.len()));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Some(format!("the character {c:?}"));
+    }
+    let alnum_ends = value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !value.is_empty() && !alnum_ends {
+        return Some("a first or last character that is not a letter or digit".to_owned());
+    }
+    None
 }
 
 /// Checks a function spec: names, numeric limits, runtime, environment and code path.
@@ -377,6 +542,7 @@ mod tests {
         let ns = NamespaceSpec {
             name: "default".into(),
             memory_quota_mb: 0,
+            kubernetes: None,
         };
         assert!(namespace(&ns).is_ok());
     }
@@ -393,6 +559,7 @@ mod tests {
             let ns = NamespaceSpec {
                 name: name.to_string(),
                 memory_quota_mb: 0,
+                kubernetes: None,
             };
             assert!(
                 namespace(&ns).is_ok(),
@@ -417,6 +584,7 @@ mod tests {
             let ns = NamespaceSpec {
                 name: name.to_string(),
                 memory_quota_mb: 0,
+                kubernetes: None,
             };
             assert!(
                 namespace(&ns).is_err(),
@@ -542,6 +710,7 @@ mod tests {
         NamespaceSpec {
             name: "batch".into(),
             memory_quota_mb,
+            kubernetes: None,
         }
     }
 

@@ -60,11 +60,13 @@ fn example_loads() {
         vec![
             NamespaceSpec {
                 name: "default".into(),
-                memory_quota_mb: 2048
+                memory_quota_mb: 2048,
+                kubernetes: None,
             },
             NamespaceSpec {
                 name: "batch".into(),
-                memory_quota_mb: 0
+                memory_quota_mb: 0,
+                kubernetes: None,
             },
         ]
     );
@@ -102,7 +104,8 @@ code = { directory = "/srv/hello" }
         file.namespaces,
         vec![NamespaceSpec {
             name: "default".into(),
-            memory_quota_mb: 0
+            memory_quota_mb: 0,
+            kubernetes: None,
         }]
     );
 }

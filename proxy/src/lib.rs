@@ -16,6 +16,7 @@ pub mod handler;
 pub mod headers;
 pub mod instance;
 pub mod metrics;
+pub mod pod_watch;
 pub mod pool;
 mod request_id;
 pub mod route;

@@ -19,6 +19,9 @@ pub const QUEUE_DEPTH: &str = "fngate_queue_depth";
 pub const IN_FLIGHT: &str = "fngate_in_flight_requests";
 pub const ROUTABLE_INSTANCES: &str = "fngate_routable_instances";
 pub const UPSTREAM_RETRIES: &str = "fngate_upstream_retries_total";
+pub const SOURCE_SYNC_AGE: &str = "fngate_route_source_sync_age_seconds";
+pub const KUBE_WATCH_ERRORS: &str = "fngate_kube_watch_errors_total";
+pub const KUBE_ROUTE_BATCHES: &str = "fngate_kube_route_batches_total";
 
 /// Ending of an invocation, as the `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +181,19 @@ fn describe() {
         "fngate_instance_exits_total",
         "Instances that exited without being asked to."
     );
+    describe_gauge!(
+        SOURCE_SYNC_AGE,
+        Unit::Seconds,
+        "Time since a route source (a pod watcher) last listed or received a watch event."
+    );
+    describe_counter!(
+        KUBE_WATCH_ERRORS,
+        "Errors of a pod watch stream; the watcher lists again after each."
+    );
+    describe_counter!(
+        KUBE_ROUTE_BATCHES,
+        "Batches of pod events applied to the routing pools, one pool swap per function each."
+    );
 }
 
 /// Copies pool state into gauges just before a scrape.
@@ -192,5 +208,12 @@ pub fn refresh_pool_gauges(router: &Router) {
         gauge!(QUEUE_DEPTH, &labels).set(demand.queued as f64);
         gauge!(IN_FLIGHT, &labels).set(demand.in_flight as f64);
         gauge!(ROUTABLE_INSTANCES, &labels).set(function.pool.instances().len() as f64);
+    }
+    for source in router.sources() {
+        // A source that never synced reports +Inf, so an alert on the age catches it too.
+        let age = source
+            .sync_age()
+            .map_or(f64::INFINITY, |age| age.as_secs_f64());
+        gauge!(SOURCE_SYNC_AGE, "source" => source.name().to_owned()).set(age);
     }
 }

@@ -391,6 +391,28 @@ impl Pool {
         removed
     }
 
+    /// Adds and removes instances in one swap of the instance list, for route sources that
+    /// apply a batch of changes at once (the pod watcher in k8s mode). Removed instances keep
+    /// their state; their in-flight requests finish. Wakes waiters when anything was added.
+    pub fn update_instances(self: &Arc<Self>, added: &[Arc<Instance>], removed: &[u64]) {
+        if added.is_empty() && removed.is_empty() {
+            return;
+        }
+        self.instances.rcu(|current| {
+            let mut next: Vec<Arc<Instance>> = current
+                .iter()
+                .filter(|i| !removed.contains(&i.id()) && !added.iter().any(|a| a.id() == i.id()))
+                .cloned()
+                .collect();
+            next.extend(added.iter().cloned());
+            next
+        });
+        if !added.is_empty() {
+            self.start_failure.store(None);
+            self.dispatch();
+        }
+    }
+
     /// Changes every instance's slot count, then hands any new slots to waiters.
     pub fn set_capacity(self: &Arc<Self>, capacity: u32) {
         for instance in self.instances.load().iter() {

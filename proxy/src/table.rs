@@ -193,6 +193,46 @@ impl Table {
 pub struct Router {
     table: ArcSwap<Table>,
     synced: AtomicBool,
+    /// Route sources besides the control plane (pod watchers in k8s mode); the table counts as
+    /// synced only once each has listed its instances.
+    sources: parking_lot::Mutex<Vec<Arc<RouteSource>>>,
+}
+
+/// A source of instances that keeps part of the table current, such as a pod watcher.
+#[derive(Debug)]
+pub struct RouteSource {
+    name: String,
+    synced: AtomicBool,
+    last_sync: parking_lot::Mutex<Option<std::time::Instant>>,
+}
+
+impl RouteSource {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Records a successful sync: a full list, or a watch event that shows the stream is
+    /// current. The first one lets the table count as synced.
+    pub fn mark_synced(&self) {
+        *self.last_sync.lock() = Some(std::time::Instant::now());
+        self.synced.store(true, SeqCst);
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(SeqCst)
+    }
+
+    /// Counts a watch event as a sync once the first list has finished.
+    pub(crate) fn mark_synced_if_listed(&self) {
+        if self.is_synced() {
+            self.mark_synced();
+        }
+    }
+
+    /// Time since the last successful sync; `None` before the first.
+    pub fn sync_age(&self) -> Option<Duration> {
+        self.last_sync.lock().map(|at| at.elapsed())
+    }
 }
 
 impl Router {
@@ -211,7 +251,28 @@ impl Router {
     }
 
     pub fn is_synced(&self) -> bool {
-        self.synced.load(SeqCst)
+        self.synced.load(SeqCst) && self.sources.lock().iter().all(|s| s.is_synced())
+    }
+
+    /// Registers a route source; the table is not synced until the source marks itself synced.
+    pub fn add_source(&self, name: impl Into<String>) -> Arc<RouteSource> {
+        let source = Arc::new(RouteSource {
+            name: name.into(),
+            synced: AtomicBool::new(false),
+            last_sync: parking_lot::Mutex::new(None),
+        });
+        self.sources.lock().push(Arc::clone(&source));
+        source
+    }
+
+    /// Unregisters a route source, for example when its namespace is unbound.
+    pub fn remove_source(&self, source: &Arc<RouteSource>) {
+        self.sources.lock().retain(|s| !Arc::ptr_eq(s, source));
+    }
+
+    /// The registered route sources.
+    pub fn sources(&self) -> Vec<Arc<RouteSource>> {
+        self.sources.lock().clone()
     }
 
     /// Finds a function version.

@@ -10,8 +10,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Socket address where the wrapper serves `POST /event-invoke`. Required.
+/// Socket address where the wrapper serves `POST /event-invoke`. Required unless both
+/// `FNGATE_INSTANCE_IP` and `PORT` are set, as in a runtime pod.
 pub const ENV_INVOKE_LISTEN: &str = "FNGATE_INVOKE_LISTEN";
+/// The instance's address (a pod's IP), used with `PORT` when `FNGATE_INVOKE_LISTEN` is unset.
+pub const ENV_INSTANCE_IP: &str = "FNGATE_INSTANCE_IP";
+pub const ENV_PORT: &str = "PORT";
 /// Path of the bootstrap. Optional.
 pub const ENV_BOOTSTRAP: &str = "FNGATE_BOOTSTRAP";
 /// Maximum time in ms from spawning the bootstrap until it calls `/runtime/init/ready`.
@@ -107,7 +111,17 @@ impl WrapperConfig {
         vars: &HashMap<String, OsString>,
         code_dir: &Path,
     ) -> Result<Self, ConfigError> {
-        let invoke_listen = parse_listen(vars.get(ENV_INVOKE_LISTEN))?;
+        let invoke_listen = match (
+            vars.get(ENV_INVOKE_LISTEN),
+            vars.get(ENV_INSTANCE_IP),
+            vars.get(ENV_PORT),
+        ) {
+            (None, Some(ip), Some(port)) => {
+                let joined = format!("{}:{}", ip.to_string_lossy(), port.to_string_lossy());
+                parse_listen(Some(&OsString::from(joined)))?
+            }
+            (listen, _, _) => parse_listen(listen)?,
+        };
         let bootstrap = resolve_bootstrap(vars.get(ENV_BOOTSTRAP), code_dir)?;
         let init_timeout = parse_millis(vars, ENV_INIT_TIMEOUT_MS, DEFAULT_INIT_TIMEOUT)?;
         let stop_grace = parse_millis(vars, ENV_STOP_GRACE_MS, DEFAULT_STOP_GRACE)?;
@@ -211,6 +225,23 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
             .expect("chmod test file");
         path
+    }
+
+    #[test]
+    fn pod_address_and_port_stand_in_for_the_listen_address() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_file(dir.path(), "bootstrap", 0o755);
+        let pod = vars(&[(ENV_INSTANCE_IP, "10.1.2.3"), (ENV_PORT, "9000")]);
+        let config = WrapperConfig::from_vars(&pod, dir.path()).expect("valid");
+        assert_eq!(config.invoke_listen, "10.1.2.3:9000".parse().unwrap());
+
+        let both = vars(&[
+            (ENV_INVOKE_LISTEN, "127.0.0.1:7000"),
+            (ENV_INSTANCE_IP, "10.1.2.3"),
+            (ENV_PORT, "9000"),
+        ]);
+        let config = WrapperConfig::from_vars(&both, dir.path()).expect("valid");
+        assert_eq!(config.invoke_listen, "127.0.0.1:7000".parse().unwrap());
     }
 
     #[test]

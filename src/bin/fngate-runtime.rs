@@ -1,6 +1,10 @@
 //! `fngate-runtime`: the runtime wrapper binary, the entrypoint of a custom-runtime event
 //! function instance. See the `fngate_runtime` crate for the environment it reads.
 //!
+//! In a runtime pod it is the entrypoint of every function: with `FNGATE_EXEC` set (web and
+//! image-style event functions) it replaces itself with that program, a path relative to the
+//! working directory (the code directory), and serves nothing itself.
+//!
 //! Logs go to stderr. `FNGATE_LOG` sets the filter in `tracing_subscriber::EnvFilter` syntax
 //! (default `info`).
 
@@ -10,6 +14,9 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    if let Some(program) = std::env::var_os("FNGATE_EXEC") {
+        return exec(std::path::PathBuf::from(program));
+    }
     let filter = EnvFilter::try_from_env("FNGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -34,6 +41,29 @@ fn main() -> ExitCode {
     };
     let exit = runtime.block_on(fngate_runtime::run(config));
     exit_with(exit.code, &exit.reason)
+}
+
+/// Replaces the process with `program`, or returns 127 with the reason it cannot run.
+fn exec(program: std::path::PathBuf) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+
+    let program = if program.is_absolute() {
+        program
+    } else {
+        std::path::Path::new(".").join(program)
+    };
+    let error = std::process::Command::new(&program)
+        .env_remove("FNGATE_EXEC")
+        .exec();
+    let cwd = std::env::current_dir().unwrap_or_default();
+    exit_with(
+        127,
+        &format!(
+            "cannot run {} in {}: {error}; check the code package has an executable file of that name",
+            program.display(),
+            cwd.display()
+        ),
+    )
 }
 
 /// Prints `fngate-runtime: <message>` to stderr and returns `code` as the exit status.

@@ -1,0 +1,335 @@
+//! The `kube` instance backend: each instance is a pod in the namespace's bound cluster.
+//!
+//! Starting an instance creates its pod and follows it through the proxy's pod watcher, which
+//! routes to the pod as soon as it is ready. A pod whose status says it cannot run
+//! (unschedulable, image not pullable, runtime exited) fails the start with that reason at
+//! once. Stopping marks the pod draining first, so every proxy stops routing to it, then
+//! deletes it with a grace period, naming its UID so a replacement with the same name is never
+//! touched.
+
+pub mod pod;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fngate_proxy::pod_watch::{PodState, PodWatcher, WatchConfig, ANNOTATION_DRAINING};
+use fngate_proxy::{Instance, Router};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Api;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::backend::{BoxFuture, InstanceBackend, InstanceFailure, RunningInstance, StartRequest};
+use crate::error::PlatformError;
+use crate::model::KubeBinding;
+
+/// Longest wait for a deleted pod to disappear after its grace period.
+const DELETE_WAIT_MARGIN: Duration = Duration::from_secs(30);
+
+/// Runs instances as pods of one bound k8s namespace.
+pub struct KubeBackend {
+    pods: Api<Pod>,
+    binding: KubeBinding,
+    watcher: PodWatcher,
+    /// The control plane's function directory, whose layout the nodes' directory mirrors.
+    host_function_dir: PathBuf,
+}
+
+impl KubeBackend {
+    /// Connects to the binding's cluster and starts the pod watcher, which routes through
+    /// `router`. Fails when the kubeconfig cannot be read or names no usable context; the
+    /// cluster itself is not contacted here, so an unreachable API shows as a watch error and
+    /// an unready `/readyz`.
+    pub async fn connect(
+        binding: &KubeBinding,
+        router: Arc<Router>,
+        host_function_dir: PathBuf,
+    ) -> Result<KubeBackend, PlatformError> {
+        let client = client(binding).await?;
+        let watcher = PodWatcher::spawn(
+            client.clone(),
+            WatchConfig {
+                namespace: binding.namespace.clone(),
+                resync_interval: Duration::from_millis(binding.resync_interval_ms),
+            },
+            router,
+        );
+        Ok(KubeBackend {
+            pods: Api::namespaced(client, &binding.namespace),
+            binding: binding.clone(),
+            watcher,
+            host_function_dir,
+        })
+    }
+
+    async fn start_pod(
+        &self,
+        request: StartRequest,
+    ) -> Result<Box<dyn RunningInstance>, InstanceFailure> {
+        let started = Instant::now();
+        let start_timeout = request.function.start_timeout();
+        let code_dir =
+            pod::node_code_dir(&request.code_dir, &self.host_function_dir, &self.binding);
+        let pod = pod::runtime_pod(&self.binding, &request, &code_dir);
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let created = self
+            .pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .map_err(|error| {
+                InstanceFailure::Spawn(format!(
+                    "cannot create pod {name} in k8s namespace {}: {error}",
+                    self.binding.namespace
+                ))
+            })?;
+        let Some(uid) = created.metadata.uid else {
+            return Err(InstanceFailure::Spawn(format!(
+                "the kube API returned pod {name} without a uid"
+            )));
+        };
+        tracing::info!(pod = %name, namespace = %self.binding.namespace, "runtime pod created");
+        let mut guard = DeleteOnDrop {
+            pods: Some(self.pods.clone()),
+            name: name.clone(),
+            uid: uid.clone(),
+        };
+        let mut state = self.watcher.pod(&uid);
+        let ready = tokio::time::timeout(start_timeout, wait_routable(&mut state, &name)).await;
+        match ready {
+            Ok(Ok(instance)) => {
+                guard.pods = None;
+                Ok(Box::new(KubeInstance {
+                    pods: self.pods.clone(),
+                    name,
+                    uid,
+                    instance,
+                    boot_time: started.elapsed(),
+                    state,
+                }))
+            }
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => {
+                let waiting = match &*state.borrow() {
+                    PodState::Starting {
+                        waiting: Some(reason),
+                    } => format!(" (pod {name} was {reason})"),
+                    PodState::Unknown => format!(" (pod {name} never appeared in the watch)"),
+                    _ => String::new(),
+                };
+                tracing::warn!(pod = %name, "runtime pod not ready within the start timeout{waiting}");
+                Err(InstanceFailure::StartTimeout {
+                    timeout: start_timeout,
+                })
+            }
+        }
+    }
+}
+
+impl InstanceBackend for KubeBackend {
+    fn start(
+        &self,
+        request: StartRequest,
+    ) -> BoxFuture<'_, Result<Box<dyn RunningInstance>, InstanceFailure>> {
+        Box::pin(self.start_pod(request))
+    }
+}
+
+/// Builds a client from the binding's kubeconfig, or from the in-cluster service account.
+async fn client(binding: &KubeBinding) -> Result<kube::Client, PlatformError> {
+    let config = match &binding.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path).map_err(|error| {
+                PlatformError::invalid(
+                    "kubernetes.kubeconfig",
+                    format!("cannot read {}: {error}", path.display()),
+                )
+            })?;
+            let options = KubeConfigOptions {
+                context: binding.context.clone(),
+                ..KubeConfigOptions::default()
+            };
+            kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                .await
+                .map_err(|error| {
+                    PlatformError::invalid(
+                        "kubernetes.context",
+                        format!("cannot use {}: {error}", path.display()),
+                    )
+                })?
+        }
+        None => kube::Config::incluster().map_err(|error| {
+            PlatformError::invalid(
+                "kubernetes.kubeconfig",
+                format!("is not set and in-cluster credentials are unavailable: {error}"),
+            )
+        })?,
+    };
+    kube::Client::try_from(config)
+        .map_err(|error| PlatformError::Internal(format!("cannot build the kube client: {error}")))
+}
+
+/// Waits until the pod is routable, or fails with the reason its status gives.
+async fn wait_routable(
+    state: &mut watch::Receiver<PodState>,
+    name: &str,
+) -> Result<Arc<Instance>, InstanceFailure> {
+    loop {
+        let current = state.borrow_and_update().clone();
+        match current {
+            PodState::Routable { instance } => return Ok(instance),
+            PodState::Failed(failure) => return Err(start_failure(name, &failure)),
+            PodState::Gone | PodState::Unroutable { deleting: true, .. } => {
+                return Err(InstanceFailure::Spawn(format!(
+                    "pod {name} was deleted before it became ready"
+                )))
+            }
+            PodState::Unknown | PodState::Starting { .. } | PodState::Unroutable { .. } => {}
+        }
+        if state.changed().await.is_err() {
+            return Err(InstanceFailure::Spawn(format!(
+                "the pod watcher stopped while pod {name} was starting"
+            )));
+        }
+    }
+}
+
+/// Turns a pod failure into the reason the scaler reports to waiting requests.
+fn start_failure(name: &str, failure: &fngate_proxy::pod_watch::PodFailure) -> InstanceFailure {
+    match failure.exit_code {
+        Some(code) => InstanceFailure::Exited {
+            what: format!("pod {name}"),
+            status: format!("exit code {code} ({})", failure.reason),
+            output_tail: failure.message.clone(),
+        },
+        None if failure.message.is_empty() => {
+            InstanceFailure::Spawn(format!("pod {name}: {}", failure.reason))
+        }
+        None => InstanceFailure::Spawn(format!(
+            "pod {name}: {}: {}",
+            failure.reason,
+            failure.message.trim_end()
+        )),
+    }
+}
+
+/// Deletes a pod whose start was abandoned, unless disarmed by taking `pods`.
+struct DeleteOnDrop {
+    pods: Option<Api<Pod>>,
+    name: String,
+    uid: String,
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        let Some(pods) = self.pods.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (name, uid) = (self.name.clone(), self.uid.clone());
+        runtime.spawn(async move {
+            delete_pod(&pods, &name, &uid, Duration::ZERO).await;
+        });
+    }
+}
+
+/// Deletes the pod `name` if it still has `uid`. A pod already gone is not an error.
+async fn delete_pod(pods: &Api<Pod>, name: &str, uid: &str, grace: Duration) {
+    let params = DeleteParams {
+        grace_period_seconds: Some(u32::try_from(grace.as_secs()).unwrap_or(u32::MAX)),
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_owned()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match pods.delete(name, &params).await {
+        Ok(_) => tracing::info!(pod = %name, grace_s = grace.as_secs(), "runtime pod deleted"),
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+        Err(error) => tracing::warn!(pod = %name, error = %error, "cannot delete runtime pod"),
+    }
+}
+
+/// A ready runtime pod owned by the scaler.
+struct KubeInstance {
+    pods: Api<Pod>,
+    name: String,
+    uid: String,
+    instance: Arc<Instance>,
+    boot_time: Duration,
+    state: watch::Receiver<PodState>,
+}
+
+impl RunningInstance for KubeInstance {
+    fn addr(&self) -> std::net::SocketAddr {
+        self.instance.addr()
+    }
+
+    fn boot_time(&self) -> Duration {
+        self.boot_time
+    }
+
+    fn routed(&self) -> Option<Arc<Instance>> {
+        Some(Arc::clone(&self.instance))
+    }
+
+    fn exited(&self) -> BoxFuture<'_, InstanceFailure> {
+        let mut state = self.state.clone();
+        Box::pin(async move {
+            loop {
+                let failure = match &*state.borrow_and_update() {
+                    PodState::Failed(failure) => Some(start_failure(&self.name, failure)),
+                    PodState::Gone => Some(InstanceFailure::Spawn(format!(
+                        "pod {} was deleted",
+                        self.name
+                    ))),
+                    PodState::Unroutable { deleting: true, .. } => Some(InstanceFailure::Spawn(
+                        format!("pod {} is being deleted by someone else", self.name),
+                    )),
+                    _ => None,
+                };
+                if let Some(failure) = failure {
+                    return failure;
+                }
+                if state.changed().await.is_err() {
+                    // The watcher stopped: the namespace is going away. Never resolve, so the
+                    // scaler's shutdown decides what happens to the pod.
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+    }
+
+    fn drain(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let patch = serde_json::json!({
+                "metadata": {"annotations": {ANNOTATION_DRAINING: "true"}},
+            });
+            if let Err(error) = self
+                .pods
+                .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                tracing::warn!(pod = %self.name, error = %error, "cannot mark runtime pod draining");
+            }
+        })
+    }
+
+    fn stop(&self, grace: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            delete_pod(&self.pods, &self.name, &self.uid, grace).await;
+            let mut state = self.state.clone();
+            let gone = state.wait_for(|s| matches!(s, PodState::Gone));
+            if tokio::time::timeout(grace + DELETE_WAIT_MARGIN, gone)
+                .await
+                .is_err()
+            {
+                tracing::warn!(pod = %self.name, "runtime pod still present after its grace period");
+            }
+        })
+    }
+}

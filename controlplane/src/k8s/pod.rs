@@ -1,0 +1,296 @@
+//! The runtime pod of one instance: what fngate asks the cluster to run.
+
+use std::path::{Path, PathBuf};
+
+use fngate_proxy::pod_watch::{
+    ANNOTATION_FUNCTION, ANNOTATION_NAMESPACE, ANNOTATION_QUALIFIER, LABEL_FUNCTION,
+    LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAMESPACE, LABEL_QUALIFIER, MANAGED_BY, RUNTIME_PORT,
+};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{json, Value};
+
+use crate::backend::StartRequest;
+use crate::model::{EventRuntime, FunctionKind, KubeBinding, LATEST};
+
+/// Path of the runtime wrapper in the runtime image.
+pub const RUNTIME_WRAPPER: &str = "/usr/local/bin/fngate-runtime";
+/// Name of the runtime container.
+pub const CONTAINER: &str = "runtime";
+/// Time a pod gets after its function's timeout to stop once deleted.
+const STOP_MARGIN_SECS: u64 = 5;
+
+/// Builds the pod for `request`. `code_dir` is the code's path on the nodes; it is mounted
+/// read-only at the same path and is the runtime's working directory.
+pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Path) -> Pod {
+    let spec = &request.function;
+    let code = code_dir.to_string_lossy();
+    let name = pod_name(&spec.namespace, &spec.name, request.instance_id);
+
+    let mut env: Vec<Value> = spec
+        .env
+        .iter()
+        .map(|(name, value)| json!({"name": name, "value": value}))
+        .collect();
+    let mut set = |name: &str, value: String| env.push(json!({"name": name, "value": value}));
+    set("SCF_FUNCTIONNAME", spec.name.clone());
+    set("SCF_NAMESPACE", spec.namespace.clone());
+    set("SCF_FUNCTIONVERSION", LATEST.to_owned());
+    set("SCF_MEMSIZE", spec.memory_mb.to_string());
+    set("SCF_TIMEOUT", spec.timeout_ms.to_string());
+    set("FNGATE_INSTANCE_ID", request.instance_id.to_string());
+    set("PORT", RUNTIME_PORT.to_string());
+    match (spec.kind, spec.event_runtime()) {
+        (FunctionKind::Event, EventRuntime::Custom) => {
+            // The wrapper serves invocations on the pod IP and PORT and starts `bootstrap`
+            // from its working directory.
+            set("FNGATE_INIT_TIMEOUT_MS", spec.start_timeout_ms.to_string());
+        }
+        _ => set("FNGATE_EXEC", "scf_bootstrap".to_owned()),
+    }
+    env.push(json!({
+        "name": "FNGATE_INSTANCE_IP",
+        "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+    }));
+
+    let memory = format!("{}Mi", spec.memory_mb);
+    let grace = spec.timeout_ms.div_ceil(1000) + STOP_MARGIN_SECS;
+    let mut pod_spec = json!({
+        "containers": [{
+            "name": CONTAINER,
+            "image": binding.runtime_image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": [RUNTIME_WRAPPER],
+            "workingDir": code,
+            "env": env,
+            "ports": [{"name": "runtime", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
+            "resources": {
+                "requests": {"memory": memory},
+                "limits": {"memory": memory},
+            },
+            "readinessProbe": {
+                "tcpSocket": {"port": RUNTIME_PORT},
+                "periodSeconds": 1,
+                "timeoutSeconds": 1,
+                "failureThreshold": 3,
+            },
+            "volumeMounts": [{"name": "code", "mountPath": code, "readOnly": true}],
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+            "securityContext": {
+                "allowPrivilegeEscalation": false,
+                "runAsNonRoot": true,
+                "capabilities": {"drop": ["ALL"]},
+            },
+        }],
+        "volumes": [{"name": "code", "hostPath": {"path": code, "type": "Directory"}}],
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": false,
+        "enableServiceLinks": false,
+        "terminationGracePeriodSeconds": grace,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+    });
+    if !binding.node_selector.is_empty() {
+        pod_spec["nodeSelector"] = json!(binding.node_selector);
+    }
+    if !binding.tolerations.is_empty() {
+        pod_spec["tolerations"] = json!(binding.tolerations);
+    }
+    if let Some(affinity) = &binding.affinity {
+        pod_spec["affinity"] = json!(affinity);
+    }
+
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": binding.namespace,
+            "labels": {
+                LABEL_MANAGED_BY: MANAGED_BY,
+                LABEL_NAMESPACE: label_value(&spec.namespace),
+                LABEL_FUNCTION: label_value(&spec.name),
+                LABEL_QUALIFIER: "latest",
+                LABEL_INSTANCE: request.instance_id.to_string(),
+            },
+            "annotations": {
+                ANNOTATION_NAMESPACE: spec.namespace,
+                ANNOTATION_FUNCTION: spec.name,
+                ANNOTATION_QUALIFIER: LATEST,
+            },
+        },
+        "spec": pod_spec,
+    });
+    serde_json::from_value(pod).expect("the runtime pod is a valid Pod")
+}
+
+/// `fn-<namespace>-<function>-<instance>-<random>`, lowercase, at most 63 characters (so it
+/// also fits a hostname). The random part keeps names unique across control plane restarts,
+/// which reuse instance ids.
+pub fn pod_name(namespace: &str, function: &str, instance_id: u64) -> String {
+    let suffix = format!("-{instance_id}-{}", random_suffix());
+    let mut stem = format!("fn-{}-{}", dns_part(namespace), dns_part(function));
+    stem.truncate(63 - suffix.len());
+    let stem = stem.trim_end_matches('-');
+    format!("{stem}{suffix}")
+}
+
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5)
+        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// Lowercases a fngate name and replaces `_` with `-`, for pod names.
+fn dns_part(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            '_' => '-',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
+/// A fngate name as a label value: names may end with `-` or `_`, label values may not.
+fn label_value(name: &str) -> String {
+    name.trim_end_matches(['-', '_']).to_owned()
+}
+
+/// The path of `code_dir` on the nodes: code under the control plane's function directory
+/// moves to the same place under the binding's; any other path (a `directory` code source)
+/// is expected at the same path on the nodes.
+pub fn node_code_dir(code_dir: &Path, host_function_dir: &Path, binding: &KubeBinding) -> PathBuf {
+    match code_dir.strip_prefix(host_function_dir) {
+        Ok(relative) => binding.function_dir.join(relative),
+        Err(_) => code_dir.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::FunctionSpec;
+
+    fn binding() -> KubeBinding {
+        toml::from_str(
+            r#"
+            namespace = "runtime"
+            node_selector = { "fngate.io/pool" = "functions" }
+            tolerations = [{ key = "dedicated", operator = "Equal", value = "fn", effect = "NoSchedule" }]
+            "#,
+        )
+        .unwrap()
+    }
+
+    fn request(toml: &str) -> StartRequest {
+        let spec: FunctionSpec = toml::from_str(toml).unwrap();
+        StartRequest {
+            instance_id: 7,
+            function: Arc::new(spec),
+            code_dir: PathBuf::from("/srv/fngate/default/hello/abc"),
+        }
+    }
+
+    fn env_of(pod: &Pod) -> Vec<(String, String)> {
+        pod.spec.as_ref().unwrap().containers[0]
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect()
+    }
+
+    #[test]
+    fn web_pod_execs_the_bootstrap_with_placement_and_no_token() {
+        let request = request(
+            "namespace = \"default\"\nname = \"Hello_World-\"\nkind = \"web\"\ncode = { directory = \"/srv\" }\nmemory_mb = 256\ntimeout_ms = 10500\nenv = { GREETING = \"hi\" }\n",
+        );
+        let pod = runtime_pod(
+            &binding(),
+            &request,
+            Path::new("/var/lib/fngate/default/hello/abc"),
+        );
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(spec.termination_grace_period_seconds, Some(11 + 5));
+        assert_eq!(
+            spec.node_selector.as_ref().unwrap()["fngate.io/pool"],
+            "functions"
+        );
+        assert_eq!(
+            spec.tolerations.as_ref().unwrap()[0].key.as_deref(),
+            Some("dedicated")
+        );
+        let container = &spec.containers[0];
+        assert_eq!(
+            container.command.as_deref(),
+            Some(&[RUNTIME_WRAPPER.to_owned()][..])
+        );
+        assert_eq!(
+            container.working_dir.as_deref(),
+            Some("/var/lib/fngate/default/hello/abc")
+        );
+        let limits = container
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap();
+        assert_eq!(limits["memory"].0, "256Mi");
+        let env = env_of(&pod);
+        assert!(env.contains(&("FNGATE_EXEC".into(), "scf_bootstrap".into())));
+        assert!(env.contains(&("GREETING".into(), "hi".into())));
+        assert!(env.contains(&("PORT".into(), "9000".into())));
+
+        let meta = &pod.metadata;
+        let labels = meta.labels.as_ref().unwrap();
+        assert_eq!(labels[LABEL_FUNCTION], "Hello_World");
+        assert_eq!(
+            meta.annotations.as_ref().unwrap()[ANNOTATION_FUNCTION],
+            "Hello_World-"
+        );
+        let name = meta.name.as_deref().unwrap();
+        assert!(name.starts_with("fn-default-hello-world-7-"), "{name}");
+    }
+
+    #[test]
+    fn custom_event_pod_runs_the_wrapper_itself() {
+        let request = request(
+            "namespace = \"default\"\nname = \"ev\"\nkind = \"event\"\ncode = { directory = \"/srv\" }\n",
+        );
+        let pod = runtime_pod(&binding(), &request, Path::new("/srv"));
+        let env = env_of(&pod);
+        assert!(!env.iter().any(|(name, _)| name == "FNGATE_EXEC"));
+        assert!(env.iter().any(|(name, _)| name == "FNGATE_INIT_TIMEOUT_MS"));
+    }
+
+    #[test]
+    fn pod_names_fit_a_hostname_and_differ() {
+        let long = "a".repeat(60);
+        let first = pod_name(&long, &long, u64::MAX);
+        assert!(first.len() <= 63, "{first}");
+        assert!(!first.contains("--"), "{first}");
+        assert_ne!(first, pod_name(&long, &long, u64::MAX));
+    }
+
+    #[test]
+    fn code_under_the_function_dir_moves_to_the_nodes_function_dir() {
+        let binding = binding();
+        assert_eq!(
+            node_code_dir(
+                Path::new("/data/fn/ns/f/sha"),
+                Path::new("/data/fn"),
+                &binding
+            ),
+            PathBuf::from("/var/lib/fngate/ns/f/sha")
+        );
+        assert_eq!(
+            node_code_dir(Path::new("/srv/code"), Path::new("/data/fn"), &binding),
+            PathBuf::from("/srv/code")
+        );
+    }
+}
