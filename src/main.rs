@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use fngate_controlplane::config;
+use fngate_controlplane::k8s;
 use fngate_controlplane::local::{LocalBackend, LocalBackendConfig};
 use fngate_controlplane::model::{FunctionKind, NamespaceSpec};
 use fngate_controlplane::platform::{Platform, PlatformConfig};
@@ -39,8 +40,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the platform in default mode: proxy, control plane and local instances.
+    /// Run the platform: proxy, control plane, and instances as local processes (default
+    /// mode) or as pods of a bound cluster (k8s mode).
     Serve(ServeArgs),
+    /// Write the Kubernetes manifests fngate would create for a platform file's k8s-mode
+    /// functions (one runtime pod each), without contacting any cluster.
+    Manifests(ManifestsArgs),
+}
+
+#[derive(Args)]
+struct ManifestsArgs {
+    /// Platform file declaring namespaces and functions (TOML).
+    #[arg(long, env = "FNGATE_CONFIG")]
+    config: PathBuf,
+    /// Directory for unpacked code packages, as for `serve`; zip packages are unpacked here.
+    #[arg(long, env = "FNGATE_FUNCTION_DIR", default_value = "fngate-data")]
+    function_dir: PathBuf,
+    /// Directory the manifests are written to, one JSON file each; created if missing.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -78,6 +96,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => run_serve(args),
+        Command::Manifests(args) => write_manifests(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -232,6 +251,53 @@ async fn deploy_config(
         deployed.push(entry);
     }
     Ok(deployed)
+}
+
+/// Writes `<namespace>.<function>.pod.json` for every function of a k8s-mode namespace.
+fn write_manifests(args: &ManifestsArgs) -> anyhow::Result<()> {
+    let file = config::load(&args.config)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let function_dir = std::path::absolute(&args.function_dir)
+        .with_context(|| format!("invalid --function-dir {}", args.function_dir.display()))?;
+    let mut written = 0;
+    for function in &file.functions {
+        let Some(binding) = file
+            .namespaces
+            .iter()
+            .find(|n| n.name == function.namespace)
+            .and_then(|n| n.kubernetes.as_ref())
+        else {
+            continue;
+        };
+        let code = fngate_controlplane::code::resolve(
+            &function.code,
+            &function_dir,
+            &function.namespace,
+            &function.name,
+        )
+        .with_context(|| format!("function {}/{}", function.namespace, function.name))?;
+        let request = fngate_controlplane::backend::StartRequest {
+            instance_id: 0,
+            function: Arc::new(function.clone()),
+            code_dir: code.path,
+        };
+        let node_code_dir = k8s::pod::node_code_dir(&request.code_dir, &function_dir, binding);
+        let pod = k8s::pod::runtime_pod(binding, &request, &node_code_dir);
+        let path = args
+            .out
+            .join(format!("{}.{}.pod.json", function.namespace, function.name));
+        let json = serde_json::to_vec_pretty(&pod).context("cannot serialize the pod")?;
+        std::fs::write(&path, json).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("fngate: wrote {}", path.display());
+        written += 1;
+    }
+    if written == 0 {
+        println!(
+            "fngate: no function is in a namespace with a kubernetes binding; nothing written"
+        );
+    }
+    Ok(())
 }
 
 fn default_runtime_wrapper() -> anyhow::Result<PathBuf> {

@@ -96,7 +96,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+ThreadingHTTPServer((os.environ.get("FNGATE_INSTANCE_IP", "127.0.0.1"), int(os.environ["PORT"])), Handler).serve_forever()
 "#;
 
 /// Writes a web function served by [`WEB_APP`].

@@ -1,0 +1,153 @@
+//! `fngate manifests` renders the runtime pods of k8s-mode functions, and every manifest it
+//! writes passes the official Kubernetes schemas (the `kubernetes-validate` package from PyPI,
+//! strict mode, so an unknown or misspelled field fails too).
+//!
+//! Without `kubernetes-validate` on PATH the schema check is skipped with a message, unless
+//! `FNGATE_REQUIRE_KUBERNETES_VALIDATE=1` (set by scripts/test.sh, so CI never skips it).
+
+mod common;
+
+use std::process::Command;
+
+use common::{script_function, web_function, EVENT_BOOTSTRAP};
+
+/// The oldest Kubernetes version fngate's pods are checked against.
+const KUBERNETES_VERSION: &str = "1.33.0";
+
+#[test]
+fn rendered_pods_pass_the_kubernetes_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    let web = web_function(dir.path(), "web");
+    let event = script_function(dir.path(), "event", "bootstrap", EVENT_BOOTSTRAP);
+    let image = script_function(dir.path(), "image", "scf_bootstrap", "#!/bin/sh\nexit 0\n");
+    let platform = format!(
+        r#"
+[[namespace]]
+name = "team-a"
+[namespace.kubernetes]
+kubeconfig = "kubeconfig.yaml"
+namespace = "fngate-runtime"
+node_selector = {{ "fngate.io/pool" = "functions" }}
+tolerations = [{{ key = "dedicated", operator = "Equal", value = "functions", effect = "NoSchedule" }}]
+[namespace.kubernetes.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution]
+nodeSelectorTerms = [{{ matchExpressions = [{{ key = "kubernetes.io/arch", operator = "In", values = ["amd64", "arm64"] }}] }}]
+
+[[function]]
+namespace = "team-a"
+name = "web_fn"
+kind = "web"
+code = {{ directory = "{web}" }}
+memory_mb = 256
+env = {{ GREETING = "hello" }}
+
+[[function]]
+namespace = "team-a"
+name = "event-fn"
+kind = "event"
+code = {{ directory = "{event}" }}
+
+[[function]]
+namespace = "team-a"
+name = "image-fn"
+kind = "event"
+runtime = "image"
+code = {{ directory = "{image}" }}
+
+[[function]]
+namespace = "default"
+name = "local-only"
+kind = "web"
+code = {{ directory = "{web}" }}
+"#,
+        web = web.dir.display(),
+        event = event.dir.display(),
+        image = image.dir.display(),
+    );
+    let config = dir.path().join("fngate.toml");
+    std::fs::write(&config, platform).unwrap();
+    let out = dir.path().join("manifests");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_fngate"))
+        .arg("manifests")
+        .arg("--config")
+        .arg(&config)
+        .arg("--function-dir")
+        .arg(dir.path().join("data"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "fngate manifests failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let mut files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    // Only k8s-mode functions get a pod; the default-mode function runs locally.
+    assert_eq!(
+        names,
+        [
+            "team-a.event-fn.pod.json",
+            "team-a.image-fn.pod.json",
+            "team-a.web_fn.pod.json"
+        ]
+    );
+    let web_pod: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files[2]).unwrap()).unwrap();
+    let spec = &web_pod["spec"];
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    assert_eq!(
+        spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0]["matchExpressions"][0]["key"],
+        "kubernetes.io/arch"
+    );
+    assert_eq!(
+        spec["volumes"][0]["hostPath"]["path"],
+        web.dir.canonicalize().unwrap().to_str().unwrap()
+    );
+
+    validate_schemas(&files);
+}
+
+/// Runs `kubernetes-validate --strict` on `files`, or explains why it did not.
+fn validate_schemas(files: &[std::path::PathBuf]) {
+    let required = std::env::var("FNGATE_REQUIRE_KUBERNETES_VALIDATE").as_deref() == Ok("1");
+    let result = Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+        .args(files)
+        .output();
+    let output = match result {
+        Ok(output) => output,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound && !required => {
+            eprintln!(
+                "SKIPPED schema validation: kubernetes-validate is not installed \
+                 (pip install kubernetes-validate); scripts/test.sh requires it"
+            );
+            return;
+        }
+        Err(error) => panic!("cannot run kubernetes-validate: {error}"),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "manifests fail the Kubernetes {KUBERNETES_VERSION} schemas:\n{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for file in files {
+        let passed = format!("{} passed", file.display());
+        assert!(
+            stdout.contains(&passed),
+            "kubernetes-validate did not pass {}: {stdout}",
+            file.display()
+        );
+    }
+}
