@@ -802,4 +802,75 @@ mod tests {
         };
         assert!(function(&spec).is_ok());
     }
+
+    /// Parses a namespace with a `[kubernetes]` table made of `binding` plus the required
+    /// k8s namespace, and returns the field the check rejects with its message.
+    fn binding_error(binding: &str) -> Option<(String, String)> {
+        let toml = format!("name = \"team\"\n[kubernetes]\nnamespace = \"runtime\"\n{binding}");
+        let spec: NamespaceSpec = toml::from_str(&toml).unwrap();
+        match namespace(&spec) {
+            Ok(()) => None,
+            Err(PlatformError::Invalid { field, message }) => Some((field, message)),
+            Err(other) => panic!("unexpected error {other}"),
+        }
+    }
+
+    #[test]
+    fn binding_accepts_placement_rules() {
+        let binding = r#"
+node_selector = { "fngate.io/pool" = "functions", "zone" = "" }
+tolerations = [{ key = "dedicated", operator = "Equal", value = "fn", effect = "NoSchedule" },
+               { operator = "Exists" }]
+"#;
+        assert_eq!(binding_error(binding), None);
+    }
+
+    #[test]
+    fn binding_errors_name_the_field() {
+        let cases = [
+            (
+                r#"tolerations = [{ key = "a", operator = "Equals" }]"#,
+                "kubernetes.tolerations[0].operator",
+                "\"Equals\"",
+            ),
+            (
+                r#"tolerations = [{ key = "a", operator = "Exists", value = "x" }]"#,
+                "kubernetes.tolerations[0].value",
+                "Exists",
+            ),
+            (
+                r#"tolerations = [{ operator = "Exists" }, { key = "a", effect = "NoRun" }]"#,
+                "kubernetes.tolerations[1].effect",
+                "\"NoRun\"",
+            ),
+            (
+                r#"function_dir = "var/lib/fngate""#,
+                "kubernetes.function_dir",
+                "absolute",
+            ),
+            (
+                r#"node_selector = { "bad key!" = "x" }"#,
+                "kubernetes.node_selector.bad key!",
+                "label key",
+            ),
+            (
+                r#"node_selector = { "pool" = "-x" }"#,
+                "kubernetes.node_selector.pool",
+                "label value",
+            ),
+            (r#"runtime_image = "a b""#, "kubernetes.runtime_image", "spaces"),
+            (r#"resync_interval_ms = 10"#, "kubernetes.resync_interval_ms", "at least"),
+            (r#"context = """#, "kubernetes.context", "empty"),
+        ];
+        for (binding, field, needle) in cases {
+            let (got_field, message) =
+                binding_error(binding).unwrap_or_else(|| panic!("accepted: {binding}"));
+            assert_eq!(got_field, field, "{binding}: {message}");
+            assert!(message.contains(needle), "{binding}: {message}");
+        }
+        let spec: NamespaceSpec =
+            toml::from_str("name = \"team\"\n[kubernetes]\nnamespace = \"Runtime_NS\"\n").unwrap();
+        let error = namespace(&spec).unwrap_err().to_string();
+        assert!(error.contains("kubernetes.namespace"), "{error}");
+    }
 }

@@ -1,9 +1,10 @@
 //! k8s mode's route source: a watcher on runtime pods that keeps each function's instances
 //! current from the kube API.
 //!
-//! One watcher runs per bound k8s namespace. It reads fngate's runtime pods (by label), and
-//! routes to a pod only while its Ready condition is True (or fngate's own probe reached its
-//! runtime port first), it has a pod IP, and it is neither being deleted nor marked draining.
+//! One watcher runs per bound k8s namespace and reads fngate's runtime pods by label. It routes
+//! to a pod only while the pod has an IP, is neither being deleted nor marked draining, and has
+//! a Ready condition of True. A pod also counts as ready once fngate's own probe reached its
+//! runtime port, until the kubelet reports Ready.
 //! Pods are tracked by UID, so an event about a deleted pod never touches a replacement that
 //! reuses its name.
 //!
@@ -63,10 +64,10 @@ const FATAL_WAITING: &[&str] = &[
     "CrashLoopBackOff",
 ];
 
-/// Longest time the proxy probes a running pod's port before it leaves readiness to the
+/// Maximum time the proxy probes a running pod's port before it leaves readiness to the
 /// kubelet alone.
 const PROBE_LIMIT: Duration = Duration::from_secs(300);
-/// Most events applied in one batch.
+/// Maximum number of events applied in one batch.
 const BATCH_MAX: usize = 1024;
 
 /// Settings of one pod watcher.
@@ -76,9 +77,11 @@ pub struct WatchConfig {
     pub namespace: String,
     /// How often the watcher lists all pods again even when the watch stream looks healthy.
     pub resync_interval: Duration,
+    /// Port of the runtime in every pod; [`RUNTIME_PORT`] except in tests.
+    pub runtime_port: u16,
 }
 
-/// Why a pod will not become or stay routable.
+/// Reason a pod will not become or stay routable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodFailure {
     /// The Kubernetes reason: `Unschedulable`, `ImagePullBackOff`, `Error`, `Evicted`, ...
@@ -200,7 +203,7 @@ impl PodView {
         })
     }
 
-    /// Whether the pod can take requests apart from readiness.
+    /// Returns whether the pod can take requests, readiness aside.
     fn runnable(&self) -> bool {
         self.ip.is_some()
             && self.running
@@ -265,7 +268,7 @@ fn failure_of(
     None
 }
 
-/// What the watcher knows about one pod.
+/// The watcher's record of one pod.
 struct Tracked {
     view: PodView,
     instance: Option<Arc<Instance>>,
@@ -349,7 +352,7 @@ impl PodWatcher {
             .subscribe()
     }
 
-    /// Whether the first list has finished.
+    /// Returns whether the first list has finished.
     pub fn is_synced(&self) -> bool {
         self.shared.source.is_synced()
     }
@@ -364,6 +367,7 @@ async fn run(api: Api<Pod>, config: WatchConfig, router: Arc<Router>, shared: Ar
         router,
         shared,
         probe_tx,
+        port: config.runtime_port,
     };
     loop {
         let stream = watcher::watcher(api.clone(), watcher::Config::default().labels(&selector))
@@ -402,6 +406,7 @@ struct Tracker {
     router: Arc<Router>,
     shared: Arc<Shared>,
     probe_tx: mpsc::UnboundedSender<String>,
+    port: u16,
 }
 
 /// Instance changes of one function within a batch.
@@ -413,7 +418,8 @@ struct PoolChanges {
 }
 
 impl Tracker {
-    fn apply(&mut self, batch: Vec<Result<Event<Pod>, watcher::Error>>, namespace: &str) {
+    /// Applies a batch of watch events. Returns the number of instance-list swaps.
+    fn apply(&mut self, batch: Vec<Result<Event<Pod>, watcher::Error>>, namespace: &str) -> usize {
         let mut touched: HashSet<String> = HashSet::new();
         let mut changes: HashMap<FunctionKey, PoolChanges> = HashMap::new();
         for item in batch {
@@ -471,10 +477,10 @@ impl Tracker {
         for uid in touched {
             self.route(&uid, &mut changes);
         }
-        self.commit(changes);
+        self.commit(changes)
     }
 
-    fn apply_probes(&mut self, uids: Vec<String>) {
+    fn apply_probes(&mut self, uids: Vec<String>) -> usize {
         let mut changes = HashMap::new();
         for uid in uids {
             if let Some(tracked) = self.pods.get_mut(&uid) {
@@ -483,7 +489,7 @@ impl Tracker {
                 self.route(&uid, &mut changes);
             }
         }
-        self.commit(changes);
+        self.commit(changes)
     }
 
     fn upsert(&mut self, view: PodView) {
@@ -558,7 +564,7 @@ impl Tracker {
             if let Some(ip) = view.ip {
                 tracked.probe = Some(spawn_probe(
                     uid.to_owned(),
-                    SocketAddr::new(ip, RUNTIME_PORT),
+                    SocketAddr::new(ip, self.port),
                     self.probe_tx.clone(),
                 ));
             }
@@ -570,7 +576,7 @@ impl Tracker {
 
         if routable && tracked.routed_in.is_none() {
             let function = function.expect("routable implies a function");
-            let addr = SocketAddr::new(view.ip.expect("runnable implies an ip"), RUNTIME_PORT);
+            let addr = SocketAddr::new(view.ip.expect("runnable implies an ip"), self.port);
             let instance = match &tracked.instance {
                 Some(instance) if instance.addr() == addr => Arc::clone(instance),
                 _ => {
@@ -630,19 +636,23 @@ impl Tracker {
         self.shared.publish(uid, state);
     }
 
-    /// Applies the batch's pool changes, one instance-list swap per function.
-    fn commit(&self, changes: HashMap<FunctionKey, PoolChanges>) {
+    /// Applies the batch's pool changes, one instance-list swap per function. Returns the
+    /// number of functions whose instance list changed.
+    fn commit(&self, changes: HashMap<FunctionKey, PoolChanges>) -> usize {
         if changes.is_empty() {
-            return;
+            return 0;
         }
+        let mut swapped = 0;
         for (_, change) in changes {
             if let Some(function) = change.function {
                 function
                     .pool
                     .update_instances(&change.added, &change.removed);
+                swapped += 1;
             }
         }
         counter!(crate::metrics::KUBE_ROUTE_BATCHES).increment(1);
+        swapped
     }
 }
 
@@ -783,5 +793,271 @@ mod tests {
                 k8s_openapi::jiff::Timestamp::now(),
             ));
         assert!(!PodView::from_pod(&pod).unwrap().runnable());
+    }
+
+    mod tracker {
+        use super::*;
+        use crate::table::{FunctionKind, FunctionSettings};
+
+        fn router_with(functions: &[&str]) -> Arc<Router> {
+            let router = Arc::new(Router::new());
+            router.add_namespace("default");
+            for name in functions {
+                router.upsert(
+                    FunctionKey {
+                        namespace: "default".into(),
+                        name: (*name).into(),
+                        qualifier: "$LATEST".into(),
+                    },
+                    FunctionSettings {
+                        kind: FunctionKind::Web,
+                        memory_mb: 128,
+                        timeout: Duration::from_secs(3),
+                        queue_budget: Duration::from_secs(10),
+                        queue_limit: 100,
+                        max_body_bytes: 1 << 20,
+                        concurrency: 1,
+                    },
+                );
+            }
+            router
+        }
+
+        fn tracker(router: &Arc<Router>, port: u16) -> (Tracker, mpsc::UnboundedReceiver<String>) {
+            let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+            let shared = Arc::new(Shared {
+                states: Mutex::new(HashMap::new()),
+                source: router.add_source("test"),
+            });
+            let tracker = Tracker {
+                pods: HashMap::new(),
+                relist: None,
+                router: Arc::clone(router),
+                shared,
+                probe_tx,
+                port,
+            };
+            (tracker, probe_rx)
+        }
+
+        /// A running pod of `function`; `ready` sets its Ready condition.
+        fn running(uid: &str, name: &str, function: &str, ip: &str, ready: bool) -> Pod {
+            pod(serde_json::json!({
+                "metadata": {
+                    "name": name, "uid": uid,
+                    "annotations": {
+                        ANNOTATION_NAMESPACE: "default",
+                        ANNOTATION_FUNCTION: function,
+                    },
+                },
+                "status": {
+                    "phase": "Running", "podIP": ip,
+                    "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+                    "containerStatuses": [{"name": "runtime", "image": "i", "imageID": "",
+                        "ready": ready, "restartCount": 0, "state": {"running": {}}}],
+                },
+            }))
+        }
+
+        fn pool_addrs(router: &Router, function: &str) -> Vec<String> {
+            let function = router.lookup("default", function, "$LATEST").unwrap();
+            let mut addrs: Vec<String> = function
+                .pool
+                .instances()
+                .iter()
+                .map(|i| i.addr().to_string())
+                .collect();
+            addrs.sort();
+            addrs
+        }
+
+        #[tokio::test]
+        async fn batch_swaps_each_function_once() {
+            let router = router_with(&["a", "b"]);
+            let (mut tracker, _probes) = tracker(&router, 9000);
+            let mut batch = Vec::new();
+            for i in 0..50 {
+                let ip = format!("10.0.0.{i}");
+                batch.push(Ok(Event::Apply(running(
+                    &format!("a{i}"),
+                    &format!("a{i}"),
+                    "a",
+                    &ip,
+                    true,
+                ))));
+            }
+            for i in 0..30 {
+                let ip = format!("10.0.1.{i}");
+                batch.push(Ok(Event::Apply(running(
+                    &format!("b{i}"),
+                    &format!("b{i}"),
+                    "b",
+                    &ip,
+                    true,
+                ))));
+            }
+            assert_eq!(tracker.apply(batch, "runtime"), 2);
+            assert_eq!(pool_addrs(&router, "a").len(), 50);
+            assert_eq!(pool_addrs(&router, "b").len(), 30);
+        }
+
+        #[tokio::test]
+        async fn relist_drops_pods_missing_from_it() {
+            let router = router_with(&["a"]);
+            let (mut tracker, _probes) = tracker(&router, 9000);
+            tracker.apply(
+                vec![
+                    Ok(Event::Apply(running("u1", "p1", "a", "10.0.0.1", true))),
+                    Ok(Event::Apply(running("u2", "p2", "a", "10.0.0.2", true))),
+                ],
+                "runtime",
+            );
+            let first = tracker.pods["u1"].instance.clone().unwrap();
+            let state = tracker.shared.states.lock()["u1"].subscribe();
+
+            tracker.apply(
+                vec![
+                    Ok(Event::Init),
+                    Ok(Event::InitApply(running("u2", "p2", "a", "10.0.0.2", true))),
+                    Ok(Event::InitDone),
+                ],
+                "runtime",
+            );
+            assert_eq!(pool_addrs(&router, "a"), ["10.0.0.2:9000"]);
+            assert!(matches!(*state.borrow(), PodState::Gone));
+            assert_eq!(first.state(), InstanceState::Failed);
+            assert!(tracker.shared.source.is_synced());
+        }
+
+        #[tokio::test]
+        async fn late_delete_of_old_uid_keeps_the_same_named_replacement() {
+            let router = router_with(&["a"]);
+            let (mut tracker, _probes) = tracker(&router, 9000);
+            tracker.apply(
+                vec![Ok(Event::Apply(running("old", "p", "a", "10.0.0.1", true)))],
+                "runtime",
+            );
+            tracker.apply(
+                vec![
+                    Ok(Event::Apply(running("new", "p", "a", "10.0.0.2", true))),
+                    Ok(Event::Delete(running("old", "p", "a", "10.0.0.1", true))),
+                ],
+                "runtime",
+            );
+            assert_eq!(pool_addrs(&router, "a"), ["10.0.0.2:9000"]);
+        }
+
+        #[tokio::test]
+        async fn retired_or_draining_pods_leave_routing_for_good() {
+            let router = router_with(&["a"]);
+            let (mut tracker, _probes) = tracker(&router, 9000);
+            tracker.apply(
+                vec![Ok(Event::Apply(running("u1", "p1", "a", "10.0.0.1", true)))],
+                "runtime",
+            );
+            let instance = tracker.pods["u1"].instance.clone().unwrap();
+
+            // The scaler retires the instance; a later status event must not route it again.
+            router
+                .lookup("default", "a", "$LATEST")
+                .unwrap()
+                .pool
+                .remove_instance(instance.id(), InstanceState::Draining);
+            tracker.apply(
+                vec![Ok(Event::Apply(running("u1", "p1", "a", "10.0.0.1", true)))],
+                "runtime",
+            );
+            assert!(pool_addrs(&router, "a").is_empty());
+
+            // Another proxy's scaler marks its pod draining: this proxy stops routing to it.
+            tracker.apply(
+                vec![Ok(Event::Apply(running("u2", "p2", "a", "10.0.0.2", true)))],
+                "runtime",
+            );
+            assert_eq!(pool_addrs(&router, "a"), ["10.0.0.2:9000"]);
+            let mut draining = running("u2", "p2", "a", "10.0.0.2", true);
+            draining
+                .metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .insert(ANNOTATION_DRAINING.to_owned(), "true".to_owned());
+            tracker.apply(vec![Ok(Event::Apply(draining))], "runtime");
+            assert!(pool_addrs(&router, "a").is_empty());
+        }
+
+        #[tokio::test]
+        async fn probe_routes_before_the_kubelet_reports_ready() {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let router = router_with(&["a"]);
+            let (mut tracker, mut probes) = tracker(&router, port);
+            tracker.apply(
+                vec![Ok(Event::Apply(running(
+                    "u1",
+                    "p1",
+                    "a",
+                    "127.0.0.1",
+                    false,
+                )))],
+                "runtime",
+            );
+            assert!(pool_addrs(&router, "a").is_empty());
+
+            let probed = tokio::time::timeout(Duration::from_secs(10), probes.recv())
+                .await
+                .expect("the probe never reached the listening port")
+                .unwrap();
+            assert_eq!(probed, "u1");
+            assert_eq!(tracker.apply_probes(vec![probed]), 1);
+            assert_eq!(pool_addrs(&router, "a"), [format!("127.0.0.1:{port}")]);
+
+            // Once the kubelet reported Ready, its condition alone decides.
+            tracker.apply(
+                vec![Ok(Event::Apply(running(
+                    "u1",
+                    "p1",
+                    "a",
+                    "127.0.0.1",
+                    true,
+                )))],
+                "runtime",
+            );
+            tracker.apply(
+                vec![Ok(Event::Apply(running(
+                    "u1",
+                    "p1",
+                    "a",
+                    "127.0.0.1",
+                    false,
+                )))],
+                "runtime",
+            );
+            assert!(pool_addrs(&router, "a").is_empty());
+        }
+
+        #[tokio::test]
+        async fn unschedulable_pod_reports_failed_and_is_never_routed() {
+            let router = router_with(&["a"]);
+            let (mut tracker, _probes) = tracker(&router, 9000);
+            let mut pending = base(serde_json::json!({
+                "phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "False",
+                    "reason": "Unschedulable", "message": "0/1 nodes are available"}],
+            }));
+            pending
+                .metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .insert(ANNOTATION_FUNCTION.to_owned(), "a".to_owned());
+            tracker.apply(vec![Ok(Event::Apply(pending))], "runtime");
+            let state = tracker.shared.states.lock()["u1"].subscribe();
+            let PodState::Failed(failure) = &*state.borrow() else {
+                panic!("not failed: {:?}", *state.borrow());
+            };
+            assert_eq!(failure.reason, "Unschedulable");
+            assert!(pool_addrs(&router, "a").is_empty());
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The `kube` instance backend: each instance is a pod in the namespace's bound cluster.
 //!
 //! Starting an instance creates its pod and follows it through the proxy's pod watcher, which
-//! routes to the pod as soon as it is ready. A pod whose status says it cannot run
+//! routes to the pod as soon as it is ready. A pod whose status shows it cannot run
 //! (unschedulable, image not pullable, runtime exited) fails the start with that reason at
 //! once. Stopping marks the pod draining first, so every proxy stops routing to it, then
 //! deletes it with a grace period, naming its UID so a replacement with the same name is never
@@ -26,7 +26,7 @@ use crate::backend::{BoxFuture, InstanceBackend, InstanceFailure, RunningInstanc
 use crate::error::PlatformError;
 use crate::model::KubeBinding;
 
-/// Longest wait for a deleted pod to disappear after its grace period.
+/// Maximum wait for a deleted pod to disappear after its grace period.
 const DELETE_WAIT_MARGIN: Duration = Duration::from_secs(30);
 
 /// Runs instances as pods of one bound k8s namespace.
@@ -40,9 +40,9 @@ pub struct KubeBackend {
 
 impl KubeBackend {
     /// Connects to the binding's cluster and starts the pod watcher, which routes through
-    /// `router`. Fails when the kubeconfig cannot be read or names no usable context; the
-    /// cluster itself is not contacted here, so an unreachable API shows as a watch error and
-    /// an unready `/readyz`.
+    /// `router`. Fails when the kubeconfig cannot be read or names no usable context. The
+    /// cluster itself is not contacted here, so an unreachable API shows up as watch errors
+    /// and an unready `/readyz`.
     pub async fn connect(
         binding: &KubeBinding,
         router: Arc<Router>,
@@ -54,6 +54,7 @@ impl KubeBackend {
             WatchConfig {
                 namespace: binding.namespace.clone(),
                 resync_interval: Duration::from_millis(binding.resync_interval_ms),
+                runtime_port: fngate_proxy::pod_watch::RUNTIME_PORT,
             },
             router,
         );
@@ -75,6 +76,7 @@ impl KubeBackend {
             pod::node_code_dir(&request.code_dir, &self.host_function_dir, &self.binding);
         let pod = pod::runtime_pod(&self.binding, &request, &code_dir);
         let name = pod.metadata.name.clone().unwrap_or_default();
+
         let created = self
             .pods
             .create(&PostParams::default(), &pod)
@@ -91,6 +93,7 @@ impl KubeBackend {
             )));
         };
         tracing::info!(pod = %name, namespace = %self.binding.namespace, "runtime pod created");
+
         let mut guard = DeleteOnDrop {
             pods: Some(self.pods.clone()),
             name: name.clone(),
@@ -98,6 +101,7 @@ impl KubeBackend {
         };
         let mut state = self.watcher.pod(&uid);
         let ready = tokio::time::timeout(start_timeout, wait_routable(&mut state, &name)).await;
+
         match ready {
             Ok(Ok(instance)) => {
                 guard.pods = None;

@@ -1,0 +1,677 @@
+//! End-to-end tests of k8s mode: the real `fngate` binary with a namespace bound to a
+//! Kubernetes cluster. By default the cluster is kubesim (the Kubernetes API test server and
+//! simulated node in `kubesim/`), whose runtime pods are real processes on loopback addresses.
+//!
+//! The scenarios that need no simulator controls also have a `real_` twin for a real cluster,
+//! ignored unless run with `--ignored` and `FNGATE_TEST_KUBECONFIG` set; docs/kubernetes.md
+//! lists what that cluster needs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use fngate_kubesim::{Cluster, ClusterConfig, Image, NodeConfig, Resource, Taint};
+use hyper::Method;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::Api;
+use serde_json::{json, Value};
+
+/// Image name the simulated node maps to the fngate-runtime binary.
+const IMAGE: &str = "fngate/runtime:test";
+const SELECTOR: &str = "app.kubernetes.io/managed-by=fngate";
+
+/// A cluster with a runtime namespace, and fngate bound to it.
+struct Env {
+    // Declared first so it stops (and deletes its pods) while the cluster still runs.
+    fngate: Fngate,
+    pods: Api<Pod>,
+    sim: Option<Cluster>,
+    namespace: String,
+}
+
+/// Where the test's cluster comes from.
+enum Target {
+    Sim { nodes: Vec<NodeConfig> },
+    Real(RealCluster),
+}
+
+struct RealCluster {
+    kubeconfig: PathBuf,
+    context: Option<String>,
+    image: String,
+    namespace: String,
+}
+
+impl RealCluster {
+    /// The real cluster named by `FNGATE_TEST_KUBECONFIG`.
+    fn from_env() -> RealCluster {
+        let kubeconfig = std::env::var_os("FNGATE_TEST_KUBECONFIG")
+            .expect("real-cluster tests need FNGATE_TEST_KUBECONFIG; see docs/kubernetes.md");
+        RealCluster {
+            kubeconfig: PathBuf::from(kubeconfig),
+            context: std::env::var("FNGATE_TEST_CONTEXT").ok(),
+            image: std::env::var("FNGATE_TEST_RUNTIME_IMAGE").unwrap_or_else(|_| IMAGE.to_owned()),
+            namespace: std::env::var("FNGATE_TEST_NAMESPACE")
+                .unwrap_or_else(|_| "fngate-test".to_owned()),
+        }
+    }
+}
+
+/// The node of most tests: labelled for functions, with the runtime image.
+fn function_node(name: &str) -> NodeConfig {
+    NodeConfig::new(name)
+        .label("fngate.io/pool", "functions")
+        .image(IMAGE, runtime_image())
+}
+
+fn runtime_image() -> Image {
+    Image::default()
+        .map(
+            "/usr/local/bin/fngate-runtime",
+            env!("CARGO_BIN_EXE_fngate-runtime"),
+        )
+        .env("PATH", &std::env::var("PATH").unwrap_or_default())
+        .env("HOME", "/tmp")
+}
+
+impl Env {
+    /// Starts the cluster (kubesim, or connects to a real one), creates the runtime namespace,
+    /// and starts fngate with `functions` in a namespace `default` bound to it. `binding` adds
+    /// lines to the `[namespace.kubernetes]` table.
+    async fn start(target: Target, dir: tempfile::TempDir, binding: &str, functions: &str) -> Env {
+        let (sim, kubeconfig, context, image, namespace) = match target {
+            Target::Sim { nodes } => {
+                let mut config = ClusterConfig::new(dir.path().join("kubesim-logs"));
+                config.nodes = nodes;
+                let cluster = Cluster::start(config)
+                    .await
+                    .expect("kubesim failed to start");
+                let kubeconfig = dir.path().join("kubeconfig");
+                cluster.write_kubeconfig(&kubeconfig, "kubesim").unwrap();
+                let namespace = "fngate-runtime".to_owned();
+                (
+                    Some(cluster),
+                    kubeconfig,
+                    Some("kubesim".to_owned()),
+                    IMAGE.to_owned(),
+                    namespace,
+                )
+            }
+            Target::Real(real) => (
+                None,
+                real.kubeconfig,
+                real.context,
+                real.image,
+                real.namespace,
+            ),
+        };
+        let client = client(&kubeconfig, context.as_deref()).await;
+        ensure_namespace(&client, &namespace).await;
+
+        let context_line = context
+            .map(|c| format!("context = \"{c}\"\n"))
+            .unwrap_or_default();
+        let platform = format!(
+            "[[namespace]]\nname = \"default\"\n[namespace.kubernetes]\nkubeconfig = \"{}\"\n{context_line}namespace = \"{namespace}\"\nfunction_dir = \"{}\"\nruntime_image = \"{image}\"\n{binding}\n\n{functions}",
+            kubeconfig.display(),
+            dir.path().join("data").display(),
+        );
+        let fngate = tokio::task::block_in_place(|| Fngate::start(dir, &platform));
+        let env = Env {
+            fngate,
+            pods: Api::namespaced(client, &namespace),
+            sim,
+            namespace,
+        };
+        env.wait_synced().await;
+        env
+    }
+
+    fn sim(&self) -> &Cluster {
+        self.sim.as_ref().expect("this test needs kubesim")
+    }
+
+    /// Waits until `/readyz` reports the routing table synced, which in k8s mode means the
+    /// pod watcher finished its first list.
+    async fn wait_synced(&self) {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        loop {
+            let reply = get(self.fngate.admin, "/readyz").await;
+            if reply.status == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fngate never became ready: {}\n{}",
+                reply.text(),
+                self.fngate.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn runtime_pods(&self) -> Vec<Pod> {
+        self.pods
+            .list(&ListParams::default().labels(SELECTOR))
+            .await
+            .expect("list runtime pods")
+            .items
+    }
+
+    /// Waits until `condition` holds for the runtime pods, failing after [`WAIT_LIMIT`].
+    async fn wait_pods(&self, what: &str, condition: impl Fn(&[Pod]) -> bool) -> Vec<Pod> {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        loop {
+            let pods = self.runtime_pods().await;
+            if condition(&pods) {
+                return pods;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "runtime pods never became {what}: {:?}\n{}",
+                pods.iter().map(summary).collect::<Vec<_>>(),
+                self.fngate.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn routable(&self, function: &str) -> f64 {
+        self.fngate
+            .metric(
+                "fngate_routable_instances",
+                &[("namespace", "default"), ("function", function)],
+            )
+            .await
+    }
+}
+
+async fn client(kubeconfig: &Path, context: Option<&str>) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let options = kube::config::KubeConfigOptions {
+        context: context.map(str::to_owned),
+        ..Default::default()
+    };
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
+async fn ensure_namespace(client: &kube::Client, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    if namespaces.get_opt(name).await.unwrap().is_some() {
+        return;
+    }
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+}
+
+fn summary(pod: &Pod) -> String {
+    let status = pod.status.as_ref();
+    format!(
+        "{} phase={:?} ip={:?} deleting={}",
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        status.and_then(|s| s.phase.clone()),
+        status.and_then(|s| s.pod_ip.clone()),
+        pod.metadata.deletion_timestamp.is_some()
+    )
+}
+
+fn name_of(pod: &Pod) -> String {
+    pod.metadata.name.clone().unwrap_or_default()
+}
+
+fn web_toml(name: &str, code: &Code, extra: &str) -> String {
+    format!(
+        "[[function]]\nnamespace = \"default\"\nname = \"{name}\"\nkind = \"web\"\ncode = {{ directory = \"{}\" }}\n{extra}\n",
+        code.dir.display()
+    )
+}
+
+fn pid_of(reply: &Reply) -> i64 {
+    reply.json()["pid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no pid in {}", reply.text()))
+}
+
+/// Defines a kubesim test and its real-cluster twin for a scenario that needs no simulator
+/// controls.
+macro_rules! on_both {
+    ($scenario:ident, $sim:ident, $real:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sim() {
+            $scenario(Target::Sim {
+                nodes: vec![function_node("node-1")],
+            })
+            .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[ignore = "needs a real cluster: set FNGATE_TEST_KUBECONFIG and pass --ignored"]
+        async fn $real() {
+            $scenario(Target::Real(RealCluster::from_env())).await;
+        }
+    };
+}
+
+on_both!(
+    cold_start_then_warm_reuse,
+    sim_cold_start_then_warm_reuse,
+    real_cold_start_then_warm_reuse
+);
+
+/// The first request creates a pod and waits for it; the second reuses it. The pod carries
+/// fngate's labels and no service-account token.
+async fn cold_start_then_warm_reuse(target: Target) {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start(target, dir, "", &web_toml("site", &code, "")).await;
+    assert!(
+        env.runtime_pods().await.is_empty(),
+        "a pod before any request"
+    );
+
+    let first = get(env.fngate.proxy, "/web/default/site/hello?x=1").await;
+    assert_eq!(
+        first.status,
+        200,
+        "{}\n{}",
+        first.text(),
+        env.fngate.stderr()
+    );
+    assert_eq!(first.json()["path"], "/hello");
+    let timing = first
+        .header("server-timing")
+        .expect("no Server-Timing on a cold start");
+    assert!(timing.contains("boot;dur="), "{timing}");
+
+    let pods = env.runtime_pods().await;
+    assert_eq!(
+        pods.len(),
+        1,
+        "{:?}",
+        pods.iter().map(summary).collect::<Vec<_>>()
+    );
+    let pod = &pods[0];
+    let annotations = pod.metadata.annotations.as_ref().unwrap();
+    assert_eq!(annotations["fngate.io/function"], "site");
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(
+        spec.containers[0].image.as_deref(),
+        Some(env_image(&env).as_str())
+    );
+
+    let second = get(env.fngate.proxy, "/web/default/site/again").await;
+    assert_eq!(second.status, 200, "{}", second.text());
+    assert_eq!(
+        pid_of(&second),
+        pid_of(&first),
+        "the warm pod was not reused"
+    );
+    assert!(second.header("server-timing").is_none());
+    assert_eq!(env.runtime_pods().await.len(), 1);
+}
+
+fn env_image(env: &Env) -> String {
+    match &env.sim {
+        Some(_) => IMAGE.to_owned(),
+        None => std::env::var("FNGATE_TEST_RUNTIME_IMAGE").unwrap_or_else(|_| IMAGE.to_owned()),
+    }
+}
+
+on_both!(
+    concurrency_is_enforced_per_pod,
+    sim_concurrency_is_enforced_per_pod,
+    real_concurrency_is_enforced_per_pod
+);
+
+/// With one slot per pod and at most two pods, parallel requests never overlap on a pod, and
+/// no third pod is created.
+async fn concurrency_is_enforced_per_pod(target: Target) {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "slow");
+    let env = Env::start(
+        target,
+        dir,
+        "",
+        &web_toml("slow", &code, "concurrency = 1\nmax_instances = 2"),
+    )
+    .await;
+    let proxy = env.fngate.proxy;
+    let calls: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(async move { get(proxy, "/web/default/slow/?ms=300").await }))
+        .collect();
+    let mut pids = std::collections::HashSet::new();
+    for call in calls {
+        let reply = call.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(
+            reply.json()["active"],
+            1,
+            "two requests overlapped on one pod"
+        );
+        pids.insert(pid_of(&reply));
+    }
+    assert!(
+        pids.len() <= 2,
+        "more than max_instances pods served: {pids:?}"
+    );
+    let pods = env.runtime_pods().await;
+    assert!(
+        pods.len() <= 2,
+        "{:?}",
+        pods.iter().map(summary).collect::<Vec<_>>()
+    );
+}
+
+on_both!(
+    update_drains_the_old_pod_without_failures,
+    sim_update_drains_the_old_pod_without_failures,
+    real_update_drains_the_old_pod_without_failures
+);
+
+/// Changing a function replaces its pod: the request in flight on the old pod finishes, new
+/// requests reach the new pod, and the old pod is marked draining before it is deleted.
+async fn update_drains_the_old_pod_without_failures(target: Target) {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start(target, dir, "", &web_toml("site", &code, "")).await;
+    let warm = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(warm.status, 200, "{}", warm.text());
+    let old_pod = name_of(&env.runtime_pods().await[0]);
+
+    let proxy = env.fngate.proxy;
+    let slow = tokio::spawn(async move { get(proxy, "/web/default/site/?ms=1500").await });
+    env.fngate
+        .wait_for_metric(
+            "fngate_in_flight_requests",
+            &[("namespace", "default"), ("function", "site")],
+            |v| v == 1.0,
+        )
+        .await;
+
+    let body = json!({
+        "kind": "web",
+        "code": {"directory": code.dir},
+        "env": {"VERSION": "2"},
+    });
+    let update = request(
+        env.fngate.api,
+        Method::PUT,
+        "/v1/namespaces/default/functions/site",
+        Bytes::from(body.to_string()),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(update.status, 200, "{}", update.text());
+
+    let after = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(after.status, 200, "{}", after.text());
+    assert_ne!(
+        pid_of(&after),
+        pid_of(&warm),
+        "the old pod served after the update"
+    );
+    let slow = slow.await.unwrap();
+    assert_eq!(
+        slow.status,
+        200,
+        "in-flight request failed: {}",
+        slow.text()
+    );
+    assert_eq!(pid_of(&slow), pid_of(&warm));
+
+    env.wait_pods("without the old pod", |pods| {
+        !pods.iter().any(|p| name_of(p) == old_pod)
+    })
+    .await;
+    if let Some(sim) = &env.sim {
+        let writes: Vec<String> = sim
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.ends_with(&format!("/pods/{old_pod}")))
+            .map(|r| r.method)
+            .collect();
+        let patch = writes.iter().position(|m| m == "PATCH");
+        let delete = writes.iter().position(|m| m == "DELETE");
+        assert!(
+            matches!((patch, delete), (Some(p), Some(d)) if p < d),
+            "the old pod was not marked draining before its deletion: {writes:?}"
+        );
+    }
+}
+
+on_both!(
+    unschedulable_pod_fails_requests_with_the_reason,
+    sim_unschedulable_pod_fails_requests_with_the_reason,
+    real_unschedulable_pod_fails_requests_with_the_reason
+);
+
+/// A nodeSelector no node matches: the request fails with the scheduler's reason rather than
+/// waiting out its 60 s queue budget, and the scaler backs off instead of creating pods in a
+/// loop.
+async fn unschedulable_pod_fails_requests_with_the_reason(target: Target) {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start(
+        target,
+        dir,
+        "node_selector = { \"fngate.io/pool\" = \"no-such-pool\" }",
+        &web_toml("site", &code, "queue_budget_ms = 60000"),
+    )
+    .await;
+    for _ in 0..3 {
+        let reply = get(env.fngate.proxy, "/web/default/site/").await;
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        let message = reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(message.contains("Unschedulable"), "{message}");
+    }
+    let pods = env.runtime_pods().await;
+    assert!(
+        pods.len() <= 2,
+        "the scaler kept creating pods: {:?}",
+        pods.iter().map(summary).collect::<Vec<_>>()
+    );
+}
+
+/// The node cannot pull the binding's runtime image: the request fails with the kubelet's
+/// reason, naming the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpullable_image_fails_requests_with_the_reason() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start(
+        Target::Sim {
+            nodes: vec![NodeConfig::new("node-1").image("other/image:1", runtime_image())],
+        },
+        dir,
+        "",
+        &web_toml("site", &code, ""),
+    )
+    .await;
+    let reply = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("ErrImagePull") || message.contains("ImagePullBackOff"),
+        "{message}"
+    );
+    assert!(message.contains(IMAGE), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_rules_reach_pod_spec() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let tainted =
+        function_node("node-functions").taint(Taint::new("dedicated", "functions", "NoSchedule"));
+    let other = NodeConfig::new("node-other").image(IMAGE, runtime_image());
+    let binding = r#"node_selector = { "fngate.io/pool" = "functions" }
+tolerations = [{ key = "dedicated", operator = "Equal", value = "functions", effect = "NoSchedule" }]
+[namespace.kubernetes.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution]
+nodeSelectorTerms = [{ matchExpressions = [{ key = "kubernetes.io/hostname", operator = "In", values = ["node-functions"] }] }]"#;
+    let env = Env::start(
+        Target::Sim {
+            nodes: vec![other, tainted],
+        },
+        dir,
+        binding,
+        &web_toml("site", &code, ""),
+    )
+    .await;
+    let reply = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}\n{}",
+        reply.text(),
+        env.fngate.stderr()
+    );
+
+    let pod = &env.runtime_pods().await[0];
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some("node-functions"));
+    assert_eq!(
+        spec.node_selector.as_ref().unwrap()["fngate.io/pool"],
+        "functions"
+    );
+    let toleration = &spec.tolerations.as_ref().unwrap()[0];
+    assert_eq!(toleration.key.as_deref(), Some("dedicated"));
+    let affinity = serde_json::to_value(spec.affinity.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0],
+        "node-functions"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_gap_leaves_no_stale_route() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start(
+        Target::Sim {
+            nodes: vec![function_node("node-1")],
+        },
+        dir,
+        "",
+        &web_toml("site", &code, ""),
+    )
+    .await;
+    let warm = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(warm.status, 200, "{}", warm.text());
+    assert_eq!(env.routable("site").await, 1.0);
+    let old_pod = name_of(&env.runtime_pods().await[0]);
+    let lists_before = pod_lists(env.sim(), &env.namespace);
+
+    // The pod goes away while the watcher cannot see it, and the history it would resume
+    // from is gone: only a relist can tell.
+    let sim = env.sim();
+    sim.block_watches(true);
+    sim.cut_watches();
+    sim.delete(&Resource::PODS, Some(&env.namespace), &old_pod, Some(0))
+        .unwrap();
+    sim.compact();
+    sim.block_watches(false);
+
+    env.fngate
+        .wait_for_metric(
+            "fngate_routable_instances",
+            &[("namespace", "default"), ("function", "site")],
+            |v| v == 0.0,
+        )
+        .await;
+    assert!(
+        pod_lists(env.sim(), &env.namespace) > lists_before,
+        "the watcher did not list the pods again"
+    );
+    let next = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_ne!(pid_of(&next), pid_of(&warm));
+    assert_eq!(env.routable("site").await, 1.0);
+}
+
+/// LIST requests (not watches) of the runtime pods the API server received.
+fn pod_lists(sim: &Cluster, namespace: &str) -> usize {
+    let path = format!("/api/v1/namespaces/{namespace}/pods");
+    sim.requests()
+        .iter()
+        .filter(|r| r.method == "GET" && !r.watch && r.path == path)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_name_replacement_routed_by_uid() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start(
+        Target::Sim {
+            nodes: vec![function_node("node-1")],
+        },
+        dir,
+        "",
+        &web_toml("site", &code, ""),
+    )
+    .await;
+    let warm = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(warm.status, 200, "{}", warm.text());
+    let old = env.runtime_pods().await.remove(0);
+    let name = name_of(&old);
+    let old_uid = old.metadata.uid.clone().unwrap();
+
+    // Replace the pod with one of the same name and labels while the watcher is cut off, so
+    // the relist shows the same name with a new UID and the old one missing.
+    let mut replacement = serde_json::to_value(&old).unwrap();
+    replacement["metadata"] = json!({
+        "name": name,
+        "namespace": env.namespace,
+        "labels": old.metadata.labels,
+        "annotations": old.metadata.annotations,
+    });
+    replacement["spec"]["nodeName"] = Value::Null;
+    replacement.as_object_mut().unwrap().remove("status");
+    let sim = env.sim();
+    sim.block_watches(true);
+    sim.cut_watches();
+    sim.delete(&Resource::PODS, Some(&env.namespace), &name, Some(0))
+        .unwrap();
+    sim.create(&Resource::PODS, replacement).unwrap();
+    sim.compact();
+    sim.block_watches(false);
+
+    let pods = env
+        .wait_pods("the ready replacement", |pods| {
+            pods.iter().any(|p| {
+                p.metadata.uid.as_deref() != Some(old_uid.as_str())
+                    && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
+            })
+        })
+        .await;
+    assert_eq!(pods.len(), 1);
+    let next = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_ne!(pid_of(&next), pid_of(&warm), "the old pod's route survived");
+    assert_eq!(env.routable("site").await, 1.0);
+    // fngate deletes pods by UID, so handling the old pod's end left the replacement alone.
+    let still = env.pods.get(&name).await.unwrap();
+    assert_ne!(still.metadata.uid.as_deref(), Some(old_uid.as_str()));
+    let _ = env
+        .pods
+        .delete(&name, &DeleteParams::default().grace_period(0))
+        .await;
+}
