@@ -675,3 +675,107 @@ async fn same_name_replacement_routed_by_uid() {
         .delete(&name, &DeleteParams::default().grace_period(0))
         .await;
 }
+
+/// Event functions run in pods too: a custom-runtime `bootstrap` behind the runtime wrapper
+/// serving on the pod IP, and an image-style server the wrapper replaces itself with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_functions_run_in_pods() {
+    let dir = tempdir();
+    let custom = script_function(dir.path(), "custom", "bootstrap", EVENT_BOOTSTRAP);
+    let image = dir.path().join("image");
+    std::fs::create_dir_all(&image).unwrap();
+    std::fs::write(image.join("app.py"), IMAGE_EVENT_APP).unwrap();
+    write_executable(
+        &image.join("scf_bootstrap"),
+        "#!/bin/bash\nexec python3 app.py\n",
+    );
+    let functions = format!(
+        "[[function]]\nnamespace = \"default\"\nname = \"custom\"\nkind = \"event\"\ncode = {{ directory = \"{}\" }}\n\n[[function]]\nnamespace = \"default\"\nname = \"image\"\nkind = \"event\"\nruntime = \"image\"\ncode = {{ directory = \"{}\" }}\n",
+        custom.dir.display(),
+        image.display()
+    );
+    let env = Env::start(
+        Target::Sim {
+            nodes: vec![function_node("node-1")],
+        },
+        dir,
+        "",
+        &functions,
+    )
+    .await;
+
+    let reply = invoke(&env.fngate, "default", "custom", r#"{"n": 1}"#).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}\n{}",
+        reply.text(),
+        env.fngate.stderr()
+    );
+    assert_eq!(reply.json()["echo"]["n"], 1);
+    let reply = invoke(&env.fngate, "default", "image", r#"{"n": 2}"#).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}\n{}",
+        reply.text(),
+        env.fngate.stderr()
+    );
+    assert_eq!(reply.json()["event"]["n"], 2);
+
+    let pods = env.runtime_pods().await;
+    assert_eq!(
+        pods.len(),
+        2,
+        "{:?}",
+        pods.iter().map(summary).collect::<Vec<_>>()
+    );
+}
+
+/// Image-style event server: answers `POST /event-invoke` on the pod IP and `PORT`.
+const IMAGE_EVENT_APP: &str = r#"
+import json, os
+from http.server import HTTPServer, BaseHTTPRequestHandler
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", "0"))
+        event = json.loads(self.rfile.read(length) or b"null")
+        body = json.dumps({"event": event, "pid": os.getpid()}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+HTTPServer((os.environ["FNGATE_INSTANCE_IP"], int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+/// An idle pod past keep-warm is drained and deleted; the next request starts a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_warm_expiry_deletes_the_pod() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start(
+        Target::Sim {
+            nodes: vec![function_node("node-1")],
+        },
+        dir,
+        "",
+        &web_toml("site", &code, "keep_warm_ms = 1000"),
+    )
+    .await;
+    let first = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(env.runtime_pods().await.len(), 1);
+
+    env.wait_pods("empty after keep-warm", |pods| pods.is_empty())
+        .await;
+    assert_eq!(env.routable("site").await, 0.0);
+    let next = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_ne!(pid_of(&next), pid_of(&first));
+}
