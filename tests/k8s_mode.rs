@@ -779,3 +779,59 @@ async fn keep_warm_expiry_deletes_the_pod() {
     assert_eq!(next.status, 200, "{}", next.text());
     assert_ne!(pid_of(&next), pid_of(&first));
 }
+
+/// A control plane killed without cleanup leaves its pods behind. The next one never routes to
+/// them (they may run older code) and deletes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_control_plane_deletes_earlier_pods() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start(
+        Target::Sim {
+            nodes: vec![function_node("node-1")],
+        },
+        dir,
+        "",
+        &web_toml("site", &code, ""),
+    )
+    .await;
+    let first = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let earlier_pod = name_of(&env.runtime_pods().await[0]);
+
+    let pid = env.fngate.pid() as i32;
+    assert!(signal(pid, libc::SIGKILL));
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while process_alive(pid) && reap_failed(pid) {
+        assert!(Instant::now() < deadline, "fngate survived SIGKILL");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        env.runtime_pods().await.len(),
+        1,
+        "the pod went with fngate"
+    );
+
+    let platform = std::fs::read_to_string(env.fngate.dir.path().join("fngate.toml")).unwrap();
+    let second = tokio::task::block_in_place(|| Fngate::start(tempdir(), &platform));
+    let reply = get(second.proxy, "/web/default/site/").await;
+    assert_eq!(reply.status, 200, "{}\n{}", reply.text(), second.stderr());
+    assert_ne!(
+        pid_of(&reply),
+        pid_of(&first),
+        "the earlier control plane's pod was routed"
+    );
+    env.wait_pods("without the earlier pod", |pods| {
+        !pods.iter().any(|p| name_of(p) == earlier_pod)
+    })
+    .await;
+    drop(second);
+}
+
+/// Returns true while `pid` is a zombie not yet reaped, after trying to reap it.
+fn reap_failed(pid: i32) -> bool {
+    let mut status = 0;
+    // SAFETY: waitpid only writes the status integer; a pid that is not our child fails.
+    let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    reaped == 0
+}

@@ -47,6 +47,10 @@ pub const LABEL_INSTANCE: &str = "fngate.io/instance";
 pub const ANNOTATION_NAMESPACE: &str = "fngate.io/namespace";
 pub const ANNOTATION_FUNCTION: &str = "fngate.io/function";
 pub const ANNOTATION_QUALIFIER: &str = "fngate.io/qualifier";
+/// Annotation naming the control plane that created the pod. A watcher with an owner routes
+/// only that owner's pods, so pods left by an earlier control plane (and perhaps running older
+/// code) never get requests.
+pub const ANNOTATION_OWNER: &str = "fngate.io/owner";
 /// Annotation set to "true" on a pod being drained: no new requests go to it.
 pub const ANNOTATION_DRAINING: &str = "fngate.io/draining";
 /// Port of the runtime in every pod, SCF's convention for web functions.
@@ -79,6 +83,8 @@ pub struct WatchConfig {
     pub resync_interval: Duration,
     /// Port of the runtime in every pod; [`RUNTIME_PORT`] except in tests.
     pub runtime_port: u16,
+    /// Routes only pods whose [`ANNOTATION_OWNER`] has this value; `None` routes every pod.
+    pub owner: Option<String>,
 }
 
 /// Reason a pod will not become or stay routable.
@@ -138,6 +144,7 @@ struct PodView {
     ready: Option<bool>,
     deleting: bool,
     draining: bool,
+    owner: Option<String>,
     failure: Option<PodFailure>,
     waiting: Option<String>,
     created: Option<SystemTime>,
@@ -194,6 +201,7 @@ impl PodView {
             ready,
             deleting: meta.deletion_timestamp.is_some(),
             draining: annotation(ANNOTATION_DRAINING).as_deref() == Some("true"),
+            owner: annotation(ANNOTATION_OWNER),
             failure,
             waiting,
             created: meta
@@ -368,6 +376,7 @@ async fn run(api: Api<Pod>, config: WatchConfig, router: Arc<Router>, shared: Ar
         shared,
         probe_tx,
         port: config.runtime_port,
+        owner: config.owner.clone(),
     };
     loop {
         let stream = watcher::watcher(api.clone(), watcher::Config::default().labels(&selector))
@@ -407,6 +416,7 @@ struct Tracker {
     shared: Arc<Shared>,
     probe_tx: mpsc::UnboundedSender<String>,
     port: u16,
+    owner: Option<String>,
 }
 
 /// Instance changes of one function within a batch.
@@ -556,10 +566,11 @@ impl Tracker {
                 .lookup(&key.namespace, &key.name, &key.qualifier)
                 .ok()
         });
-        let routable = view.runnable() && ready && !retired && function.is_some();
+        let owned = self.owner.is_none() || view.owner == self.owner;
+        let routable = owned && view.runnable() && ready && !retired && function.is_some();
 
         // Probe the runtime port of a running pod the kubelet has not reported ready yet.
-        let wants_probe = view.runnable() && !ready && !tracked.kubelet_ready_seen;
+        let wants_probe = owned && view.runnable() && !ready && !tracked.kubelet_ready_seen;
         if wants_probe && tracked.probe.is_none() {
             if let Some(ip) = view.ip {
                 tracked.probe = Some(spawn_probe(
@@ -836,6 +847,7 @@ mod tests {
                 shared,
                 probe_tx,
                 port,
+                owner: None,
             };
             (tracker, probe_rx)
         }
@@ -1058,6 +1070,31 @@ mod tests {
             };
             assert_eq!(failure.reason, "Unschedulable");
             assert!(pool_addrs(&router, "a").is_empty());
+        }
+
+        #[tokio::test]
+        async fn pods_of_another_owner_are_never_routed() {
+            let router = router_with(&["a"]);
+            let (mut tracker, _probes) = tracker(&router, 9000);
+            tracker.owner = Some("current".to_owned());
+            let owned_by = |uid: &str, ip: &str, owner: &str| {
+                let mut pod = running(uid, uid, "a", ip, true);
+                pod.metadata
+                    .annotations
+                    .as_mut()
+                    .unwrap()
+                    .insert(ANNOTATION_OWNER.to_owned(), owner.to_owned());
+                pod
+            };
+            tracker.apply(
+                vec![
+                    Ok(Event::Apply(owned_by("u1", "10.0.0.1", "previous"))),
+                    Ok(Event::Apply(owned_by("u2", "10.0.0.2", "current"))),
+                    Ok(Event::Apply(running("u3", "u3", "a", "10.0.0.3", true))),
+                ],
+                "runtime",
+            );
+            assert_eq!(pool_addrs(&router, "a"), ["10.0.0.2:9000"]);
         }
     }
 }

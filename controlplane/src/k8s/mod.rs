@@ -13,10 +13,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fngate_proxy::pod_watch::{PodState, PodWatcher, WatchConfig, ANNOTATION_DRAINING};
+use fngate_proxy::pod_watch::{
+    PodState, PodWatcher, WatchConfig, ANNOTATION_DRAINING, ANNOTATION_OWNER, LABEL_MANAGED_BY,
+    MANAGED_BY,
+};
 use fngate_proxy::{Instance, Router};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Api;
 use tokio::sync::watch;
@@ -36,6 +39,8 @@ pub struct KubeBackend {
     watcher: PodWatcher,
     /// The control plane's function directory, whose layout the nodes' directory mirrors.
     host_function_dir: PathBuf,
+    /// Value of the owner annotation on this backend's pods.
+    owner: String,
 }
 
 impl KubeBackend {
@@ -49,20 +54,26 @@ impl KubeBackend {
         host_function_dir: PathBuf,
     ) -> Result<KubeBackend, PlatformError> {
         let client = client(binding).await?;
+        // Names this control plane in its pods, so the watcher routes none left by another.
+        let owner = uuid::Uuid::new_v4().to_string();
         let watcher = PodWatcher::spawn(
             client.clone(),
             WatchConfig {
                 namespace: binding.namespace.clone(),
                 resync_interval: Duration::from_millis(binding.resync_interval_ms),
                 runtime_port: fngate_proxy::pod_watch::RUNTIME_PORT,
+                owner: Some(owner.clone()),
             },
             router,
         );
+        let pods: Api<Pod> = Api::namespaced(client, &binding.namespace);
+        tokio::spawn(delete_orphans(pods.clone(), owner.clone()));
         Ok(KubeBackend {
-            pods: Api::namespaced(client, &binding.namespace),
+            pods,
             binding: binding.clone(),
             watcher,
             host_function_dir,
+            owner,
         })
     }
 
@@ -74,7 +85,11 @@ impl KubeBackend {
         let start_timeout = request.function.start_timeout();
         let code_dir =
             pod::node_code_dir(&request.code_dir, &self.host_function_dir, &self.binding);
-        let pod = pod::runtime_pod(&self.binding, &request, &code_dir);
+        let mut pod = pod::runtime_pod(&self.binding, &request, &code_dir);
+        pod.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(ANNOTATION_OWNER.to_owned(), self.owner.clone());
         let name = pod.metadata.name.clone().unwrap_or_default();
 
         let created = self
@@ -173,6 +188,58 @@ async fn client(binding: &KubeBinding) -> Result<kube::Client, PlatformError> {
     };
     kube::Client::try_from(config)
         .map_err(|error| PlatformError::Internal(format!("cannot build the kube client: {error}")))
+}
+
+/// First delay between attempts to list the pods left by earlier control planes.
+const ORPHAN_RETRY: Duration = Duration::from_secs(1);
+/// Attempts before giving up on that cleanup; the delay doubles up to a minute.
+const ORPHAN_ATTEMPTS: u32 = 10;
+
+/// Deletes the runtime pods another control plane created: a previous run of this one that
+/// crashed or was killed. They are never routed (the watcher routes only `owner`'s pods), so
+/// they would only hold memory. Their requests in flight, if any, get the pods' grace period.
+async fn delete_orphans(pods: Api<Pod>, owner: String) {
+    let selector = format!("{LABEL_MANAGED_BY}={MANAGED_BY}");
+    let mut delay = ORPHAN_RETRY;
+    for attempt in 1..=ORPHAN_ATTEMPTS {
+        match pods.list(&ListParams::default().labels(&selector)).await {
+            Ok(list) => {
+                let orphans: Vec<Pod> = list
+                    .items
+                    .into_iter()
+                    .filter(|pod| {
+                        let annotations = pod.metadata.annotations.as_ref();
+                        annotations.and_then(|a| a.get(ANNOTATION_OWNER)) != Some(&owner)
+                    })
+                    .collect();
+                if !orphans.is_empty() {
+                    tracing::info!(
+                        count = orphans.len(),
+                        "deleting runtime pods left by an earlier fngate control plane"
+                    );
+                }
+                for orphan in orphans {
+                    let (Some(name), Some(uid)) = (orphan.metadata.name, orphan.metadata.uid)
+                    else {
+                        continue;
+                    };
+                    let grace = orphan
+                        .spec
+                        .and_then(|spec| spec.termination_grace_period_seconds)
+                        .and_then(|seconds| u64::try_from(seconds).ok())
+                        .unwrap_or(30);
+                    delete_pod(&pods, &name, &uid, Duration::from_secs(grace)).await;
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(attempt, error = %error, retry_in_ms = delay.as_millis() as u64,
+                    "cannot list runtime pods to delete those of earlier control planes");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
 }
 
 /// Waits until the pod is routable, or fails with the reason its status gives.
