@@ -43,9 +43,40 @@ enum Command {
     /// Run the platform: proxy, control plane, and instances as local processes (default
     /// mode) or as pods of a bound cluster (k8s mode).
     Serve(ServeArgs),
+    /// Run the node agent of k8s mode: fetch the code packages that runtime pods on this node
+    /// need into the node's function directory, and remove versions no pod uses any more.
+    Agent(AgentArgs),
     /// Write the Kubernetes manifests fngate would create for a platform file's k8s-mode
     /// functions (one runtime pod each), without contacting any cluster.
     Manifests(ManifestsArgs),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Name of this node, as in pods' `spec.nodeName` (in a DaemonSet, from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// k8s namespace of the runtime pods.
+    #[arg(long, env = "FNGATE_RUNTIME_NAMESPACE")]
+    namespace: String,
+    /// Base URL of the control-plane API that serves code packages, e.g. http://fngate:8082.
+    #[arg(long, env = "FNGATE_CONTROL_PLANE")]
+    control_plane: String,
+    /// The function directory on this node, where code versions are unpacked.
+    #[arg(long, env = "FNGATE_FUNCTION_DIR", default_value = "/var/lib/fngate")]
+    function_dir: PathBuf,
+    /// Kubeconfig file; absent means the in-cluster service account.
+    #[arg(long, env = "FNGATE_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Context in the kubeconfig; absent means its current context.
+    #[arg(long, env = "FNGATE_KUBE_CONTEXT")]
+    context: Option<String>,
+    /// How long a code version no pod on this node uses is kept, in ms.
+    #[arg(long, env = "FNGATE_RETAIN_UNUSED_MS", default_value_t = 3_600_000)]
+    retain_unused_ms: u64,
+    /// Log filter, in tracing's env-filter syntax.
+    #[arg(long, env = "FNGATE_LOG", default_value = "info")]
+    log: String,
 }
 
 #[derive(Args)]
@@ -97,6 +128,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::Manifests(args) => write_manifests(&args),
+        Command::Agent(args) => run_agent(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -253,6 +285,34 @@ async fn deploy_config(
     Ok(deployed)
 }
 
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    init_tracing(&args.log)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")?;
+    runtime.block_on(async move {
+        let client = k8s::connect(args.kubeconfig.as_deref(), args.context.as_deref()).await?;
+        let function_dir = std::path::absolute(&args.function_dir)
+            .with_context(|| format!("invalid --function-dir {}", args.function_dir.display()))?;
+        let config = k8s::agent::AgentConfig {
+            namespace: args.namespace,
+            node: args.node,
+            function_dir,
+            control_plane: args.control_plane,
+            retain_unused: Duration::from_millis(args.retain_unused_ms),
+            gc_interval: Duration::from_millis(args.retain_unused_ms.clamp(1_000, 60_000)),
+        };
+        tokio::select! {
+            () = k8s::agent::run(client, config) => {}
+            result = wait_for_signal() => result?,
+        }
+        tracing::info!("node agent stopped");
+        anyhow::Ok(())
+    })
+}
+
 /// Writes `<namespace>.<function>.pod.json` for every function of a k8s-mode namespace.
 fn write_manifests(args: &ManifestsArgs) -> anyhow::Result<()> {
     let file = config::load(&args.config)?;
@@ -281,6 +341,7 @@ fn write_manifests(args: &ManifestsArgs) -> anyhow::Result<()> {
             instance_id: 0,
             function: Arc::new(function.clone()),
             code_dir: code.path,
+            code_digest: code.digest,
         };
         let node_code_dir = k8s::pod::node_code_dir(&request.code_dir, &function_dir, binding);
         let pod = k8s::pod::runtime_pod(binding, &request, &node_code_dir);

@@ -28,6 +28,7 @@ const SELECTOR: &str = "app.kubernetes.io/managed-by=fngate";
 struct Env {
     // Declared first so it stops (and deletes its pods) while the cluster still runs.
     fngate: Fngate,
+    kubeconfig: PathBuf,
     pods: Api<Pod>,
     sim: Option<Cluster>,
     namespace: String,
@@ -115,14 +116,21 @@ impl Env {
         let context_line = context
             .map(|c| format!("context = \"{c}\"\n"))
             .unwrap_or_default();
+        // Unless the binding names another, the nodes' function directory is the control
+        // plane's, so code is there without a node agent.
+        let function_dir_line = if binding.contains("function_dir") {
+            String::new()
+        } else {
+            format!("function_dir = \"{}\"\n", dir.path().join("data").display())
+        };
         let platform = format!(
-            "[[namespace]]\nname = \"default\"\n[namespace.kubernetes]\nkubeconfig = \"{}\"\n{context_line}namespace = \"{namespace}\"\nfunction_dir = \"{}\"\nruntime_image = \"{image}\"\n{binding}\n\n{functions}",
+            "[[namespace]]\nname = \"default\"\n[namespace.kubernetes]\nkubeconfig = \"{}\"\n{context_line}namespace = \"{namespace}\"\n{function_dir_line}runtime_image = \"{image}\"\n{binding}\n\n{functions}",
             kubeconfig.display(),
-            dir.path().join("data").display(),
         );
         let fngate = tokio::task::block_in_place(|| Fngate::start(dir, &platform));
         let env = Env {
             fngate,
+            kubeconfig: kubeconfig.clone(),
             pods: Api::namespaced(client, &namespace),
             sim,
             namespace,
@@ -663,10 +671,28 @@ async fn same_name_replacement_routed_by_uid() {
         })
         .await;
     assert_eq!(pods.len(), 1);
+    // The scaler drops the old pod once the watcher's relist shows it gone.
+    let old_addr = format!(
+        "{}:9000",
+        old.status.as_ref().unwrap().pod_ip.as_ref().unwrap()
+    );
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while env
+        .fngate
+        .instances("default", "site")
+        .await
+        .iter()
+        .any(|i| i["addr"] == old_addr.as_str())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "fngate never noticed the old pod was gone"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let next = get(env.fngate.proxy, "/web/default/site/").await;
     assert_eq!(next.status, 200, "{}", next.text());
     assert_ne!(pid_of(&next), pid_of(&warm), "the old pod's route survived");
-    assert_eq!(env.routable("site").await, 1.0);
     // fngate deletes pods by UID, so handling the old pod's end left the replacement alone.
     let still = env.pods.get(&name).await.unwrap();
     assert_ne!(still.metadata.uid.as_deref(), Some(old_uid.as_str()));
@@ -834,4 +860,193 @@ fn reap_failed(pid: i32) -> bool {
     // SAFETY: waitpid only writes the status integer; a pid that is not our child fails.
     let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
     reaped == 0
+}
+
+/// A `fngate agent` process for node `node-1`, killed on drop.
+struct Agent {
+    child: std::process::Child,
+    stderr: PathBuf,
+}
+
+impl Agent {
+    fn start(env: &Env, node_dir: &Path, log: &Path) -> Agent {
+        Agent::start_with_retain(env, node_dir, log, 3_600_000)
+    }
+
+    fn start_with_retain(env: &Env, node_dir: &Path, log: &Path, retain_ms: u64) -> Agent {
+        let stderr = std::fs::File::create(log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_fngate"))
+            .arg("agent")
+            .args(["--node", "node-1", "--namespace", &env.namespace])
+            .arg("--control-plane")
+            .arg(format!("http://{}", env.fngate.api))
+            .arg("--function-dir")
+            .arg(node_dir)
+            .arg("--kubeconfig")
+            .arg(&env.kubeconfig)
+            .args(["--context", "kubesim"])
+            .args(["--retain-unused-ms", &retain_ms.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("failed to start fngate agent");
+        Agent {
+            child,
+            stderr: log.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a zip of the web function in `code`.
+fn zip_function(code: &Code, path: &Path) {
+    use std::io::Write;
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    for (name, mode) in [("scf_bootstrap", 0o755), ("app.py", 0o644)] {
+        let options = zip::write::SimpleFileOptions::default().unix_permissions(mode);
+        zip.start_file(name, options).unwrap();
+        zip.write_all(&std::fs::read(code.dir.join(name)).unwrap())
+            .unwrap();
+    }
+    zip.finish().unwrap();
+}
+
+/// Starts fngate bound to kubesim with a zip-packaged web function whose nodes' function
+/// directory is `<dir>/node`, apart from the control plane's, so only the agent can put code
+/// there.
+async fn zip_env(extra: &str) -> (Env, PathBuf, PathBuf) {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "src");
+    let package = dir.path().join("site.zip");
+    zip_function(&code, &package);
+    let node_dir = dir.path().join("node");
+    let logs = dir.path().join("agent.log");
+    let functions = format!(
+        "[[function]]\nnamespace = \"default\"\nname = \"site\"\nkind = \"web\"\ncode = {{ zip_file = \"{}\" }}\n{extra}\n",
+        package.display()
+    );
+    let binding = format!("function_dir = \"{}\"", node_dir.display());
+    let env = Env::start(
+        Target::Sim {
+            nodes: vec![function_node("node-1")],
+        },
+        dir,
+        &binding,
+        &functions,
+    )
+    .await;
+    (env, node_dir, logs)
+}
+
+/// The agent fetches a zip package from the control plane into the node's function directory,
+/// and the pod, which waited for it, serves the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_delivers_code_to_the_node() {
+    let (env, node_dir, log) = zip_env("").await;
+    let agent = Agent::start(&env, &node_dir, &log);
+
+    let reply = get(env.fngate.proxy, "/web/default/site/x").await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}\n{}\n{}",
+        reply.text(),
+        env.fngate.stderr(),
+        agent.log()
+    );
+    assert_eq!(reply.json()["path"], "/x");
+
+    let pod = &env.runtime_pods().await[0];
+    let annotations = pod.metadata.annotations.as_ref().unwrap();
+    let digest = &annotations["fngate.io/code-sha256"];
+    let version = &annotations["fngate.io/code-version"];
+    assert_eq!(version, &format!("default/site/code/{}", &digest[..16]));
+    let delivered = node_dir.join(version);
+    assert!(delivered.join("scf_bootstrap").is_file(), "{}", agent.log());
+    let leftovers: Vec<_> = std::fs::read_dir(node_dir.join(".incoming"))
+        .unwrap()
+        .collect();
+    assert!(leftovers.is_empty(), "downloads left behind: {leftovers:?}");
+}
+
+/// A package whose bytes no longer match its digest is never unpacked or run: the pod gives up
+/// waiting for its code and the request fails with that reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_package_is_rejected_by_digest() {
+    let (env, node_dir, log) = zip_env("start_timeout_ms = 3000\nqueue_budget_ms = 20000").await;
+    let packages = env.fngate.dir.path().join("data").join("packages");
+    let stored: Vec<PathBuf> = std::fs::read_dir(&packages)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let mut bytes = std::fs::read(&stored[0]).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&stored[0], bytes).unwrap();
+    let agent = Agent::start(&env, &node_dir, &log);
+
+    let reply = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("did not arrive"), "{message}");
+    assert!(agent.log().contains("digest mismatch"), "{}", agent.log());
+    let unpacked = node_dir.join("default/site/code");
+    let versions: Vec<_> = std::fs::read_dir(&unpacked)
+        .map(|entries| entries.collect())
+        .unwrap_or_default();
+    assert!(
+        versions.is_empty(),
+        "a corrupt version was unpacked: {versions:?}"
+    );
+}
+
+/// Once no pod on the node uses a version for the retention time, the agent removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_removes_unused_versions() {
+    let (env, node_dir, log) = zip_env("").await;
+    let agent = Agent::start_with_retain(&env, &node_dir, &log, 1000);
+    let reply = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(reply.status, 200, "{}\n{}", reply.text(), agent.log());
+    let pod = &env.runtime_pods().await[0];
+    let version =
+        node_dir.join(&pod.metadata.annotations.as_ref().unwrap()["fngate.io/code-version"]);
+    assert!(version.is_dir());
+
+    let deleted = request(
+        env.fngate.api,
+        Method::DELETE,
+        "/v1/namespaces/default/functions/site",
+        Bytes::new(),
+        &[],
+    )
+    .await;
+    assert_eq!(deleted.status, 204, "{}", deleted.text());
+    env.wait_pods("gone after the delete", |pods| pods.is_empty())
+        .await;
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while version.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "unused version {} never removed: {}",
+            version.display(),
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(agent.log().contains("removed unused code version"));
 }

@@ -20,6 +20,8 @@ fn rendered_pods_pass_the_kubernetes_schemas() {
     let web = web_function(dir.path(), "web");
     let event = script_function(dir.path(), "event", "bootstrap", EVENT_BOOTSTRAP);
     let image = script_function(dir.path(), "image", "scf_bootstrap", "#!/bin/sh\nexit 0\n");
+    let package = dir.path().join("zipped.zip");
+    zip_bootstrap(&package);
     let platform = format!(
         r#"
 [[namespace]]
@@ -54,6 +56,12 @@ runtime = "image"
 code = {{ directory = "{image}" }}
 
 [[function]]
+namespace = "team-a"
+name = "zipped"
+kind = "web"
+code = {{ zip_file = "{package}" }}
+
+[[function]]
 namespace = "default"
 name = "local-only"
 kind = "web"
@@ -62,6 +70,7 @@ code = {{ directory = "{web}" }}
         web = web.dir.display(),
         event = event.dir.display(),
         image = image.dir.display(),
+        package = package.display(),
     );
     let config = dir.path().join("fngate.toml");
     std::fs::write(&config, platform).unwrap();
@@ -98,7 +107,8 @@ code = {{ directory = "{web}" }}
         [
             "team-a.event-fn.pod.json",
             "team-a.image-fn.pod.json",
-            "team-a.web_fn.pod.json"
+            "team-a.web_fn.pod.json",
+            "team-a.zipped.pod.json"
         ]
     );
     let web_pod: serde_json::Value =
@@ -115,7 +125,36 @@ code = {{ directory = "{web}" }}
         web.dir.canonicalize().unwrap().to_str().unwrap()
     );
 
+    // A zip package waits for the node agent: the pod mounts the function's code directory,
+    // created if missing, and names the version it needs.
+    let zipped: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files[3]).unwrap()).unwrap();
+    assert_eq!(
+        zipped["spec"]["volumes"][0]["hostPath"]["type"],
+        "DirectoryOrCreate"
+    );
+    assert_eq!(
+        zipped["spec"]["volumes"][0]["hostPath"]["path"],
+        "/var/lib/fngate/team-a/zipped/code"
+    );
+    let annotations = &zipped["metadata"]["annotations"];
+    let digest = annotations["fngate.io/code-sha256"].as_str().unwrap();
+    assert_eq!(
+        annotations["fngate.io/code-version"],
+        format!("team-a/zipped/code/{}", &digest[..16])
+    );
+
     validate_schemas(&files);
+}
+
+/// Writes a zip with an executable `scf_bootstrap`.
+fn zip_bootstrap(path: &std::path::Path) {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let options = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
+    zip.start_file("scf_bootstrap", options).unwrap();
+    zip.write_all(b"#!/bin/sh\nexit 0\n").unwrap();
+    zip.finish().unwrap();
 }
 
 /// Runs `kubernetes-validate --strict` on `files`, or explains why it did not.

@@ -21,6 +21,9 @@ pub struct StartRequest {
     pub function: Arc<FunctionSpec>,
     /// The function's code, already unpacked.
     pub code_dir: PathBuf,
+    /// SHA-256 of the code package (64 hex digits); `None` for a directory source. In k8s
+    /// mode the node agent fetches the package by it.
+    pub code_digest: Option<String>,
 }
 
 /// Reason an instance failed to start or stopped on its own.

@@ -7,8 +7,11 @@
 //! see a partly unpacked version. A repeated or concurrent resolve of the same archive reuses the
 //! unpacked copy. The archive is unpacked as it is, so a single top-level directory is kept.
 //!
-//! Left to others: fetching packages onto other nodes and removing versions no longer used (the
-//! node agent), and running this blocking code off the async runtime (the caller).
+//! Each archive is also kept, content-addressed, at `<function_dir>/packages/<SHA-256>.zip`, from
+//! where the control-plane API serves it to node agents; [`install_package`] is the agent's side.
+//!
+//! Left to others: removing versions no longer used (the node agent), and running this blocking
+//! code off the async runtime (the caller).
 
 mod entrypoint;
 #[cfg(test)]
@@ -40,6 +43,8 @@ const VERSION_HEX_LEN: usize = 16;
 pub struct CodeDir {
     /// Canonical directory that contains the function's code.
     pub path: PathBuf,
+    /// SHA-256 of the zip archive, as 64 hex digits; `None` for a directory source.
+    pub digest: Option<String>,
     /// Directories this resolve created to hold the unpacked version, outermost first.
     created: Vec<PathBuf>,
     /// Whether this resolve unpacked `path` itself, rather than reusing an unpacked version.
@@ -70,6 +75,7 @@ pub fn resolve(
     match source {
         CodeSource::Directory(dir) => Ok(CodeDir {
             path: resolve_directory(dir)?,
+            digest: None,
             created: Vec::new(),
             unpacked: false,
         }),
@@ -117,6 +123,8 @@ fn resolve_zip(
         _ => code_error(archive_path, format!("cannot be opened: {e}")),
     })?;
     let digest = sha256_hex(&mut file).map_err(|e| code_error(archive_path, e.to_string()))?;
+    store_package(&mut file, function_dir, &digest)
+        .map_err(|message| code_error(archive_path, message))?;
 
     let namespace_dir = function_dir.join(namespace);
     let versions = namespace_dir.join(function).join("code");
@@ -141,9 +149,113 @@ fn resolve_zip(
         .map_err(|e| code_error(archive_path, format!("{}: {e}", target.display())))?;
     Ok(CodeDir {
         path,
+        digest: Some(digest),
         created,
         unpacked,
     })
+}
+
+/// Path of the stored package with SHA-256 `digest` (64 hex digits).
+pub fn package_path(function_dir: &Path, digest: &str) -> PathBuf {
+    function_dir.join("packages").join(format!("{digest}.zip"))
+}
+
+/// Returns whether `value` is a SHA-256 digest written as 64 lowercase hex digits.
+pub fn is_sha256_hex(value: &str) -> bool {
+    value.len() == 64
+        && value
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Path of an unpacked version relative to a function directory:
+/// `<namespace>/<function>/code/<first 16 hex digits of the digest>`.
+pub fn version_path(namespace: &str, function: &str, digest: &str) -> PathBuf {
+    Path::new(namespace)
+        .join(function)
+        .join("code")
+        .join(&digest[..VERSION_HEX_LEN])
+}
+
+/// Copies the archive to its content-addressed place unless a copy is there already. Written
+/// to a temporary name and renamed, so a reader never sees a partial package.
+fn store_package(file: &mut File, function_dir: &Path, digest: &str) -> Result<(), String> {
+    let path = package_path(function_dir, digest);
+    if path.is_file() {
+        return Ok(());
+    }
+    let dir = path.parent().expect("a package path has a parent");
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let partial = dir.join(format!(
+        ".{digest}.{}.{}.partial",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        file.seek(SeekFrom::Start(0))?;
+        let mut out = File::create(&partial)?;
+        io::copy(file, &mut out)?;
+        out.sync_all()?;
+        fs::rename(&partial, &path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&partial);
+        return Err(format!(
+            "cannot store the package at {}: {e}",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Unpacks a fetched package into `<function_dir>/<version>`, checking its SHA-256 against
+/// `digest` first and refusing a `version` that is not [`version_path`] of it. The archive is
+/// unpacked beside the target and renamed into place. Returns false if the version was present.
+/// Blocking; for the node agent.
+pub fn install_package(
+    mut archive: File,
+    function_dir: &Path,
+    version: &Path,
+    digest: &str,
+) -> Result<bool, String> {
+    if !is_sha256_hex(digest) {
+        return Err(format!(
+            "invalid digest {digest:?}: expected 64 lowercase hex digits"
+        ));
+    }
+    let components: Vec<&str> = version
+        .components()
+        .map(|c| match c {
+            Component::Normal(part) => part.to_str().unwrap_or(""),
+            _ => "",
+        })
+        .collect();
+    let valid = matches!(components.as_slice(),
+        [namespace, function, "code", name]
+            if !namespace.is_empty() && !function.is_empty() && *name == &digest[..VERSION_HEX_LEN]);
+    if !valid {
+        return Err(format!(
+            "invalid version path {}: expected <namespace>/<function>/code/{}",
+            version.display(),
+            &digest[..VERSION_HEX_LEN]
+        ));
+    }
+    let actual = sha256_hex(&mut archive)?;
+    if actual != digest {
+        return Err(format!(
+            "package digest mismatch: expected sha256 {digest}, got {actual}; the package is \
+             corrupt or was replaced, so it is not unpacked"
+        ));
+    }
+    let target = function_dir.join(version);
+    if target.is_dir() {
+        return Ok(false);
+    }
+    let versions = target.parent().expect("a version path has a parent");
+    fs::create_dir_all(versions)
+        .map_err(|e| format!("cannot create {}: {e}", versions.display()))?;
+    unpack_version(archive, versions, &target, unzip::LIMITS)
 }
 
 /// Unpacks the archive into a staging directory in `versions` and renames it to `target`.

@@ -230,8 +230,8 @@ impl Platform {
                 .ok_or_else(|| namespace_not_found(&spec.namespace))?;
             crate::validate::memory_within_quota(&spec, &namespace.spec)?;
         }
-        let code_dir = self.resolve_code(&spec).await?;
-        let (applied, replaced) = self.apply_function(Arc::new(spec), code_dir)?;
+        let (code_dir, code_digest) = self.resolve_code(&spec).await?;
+        let (applied, replaced) = self.apply_function(Arc::new(spec), code_dir, code_digest)?;
         if let Some((mut scaler_generation, generation)) = replaced {
             // Wait until the scaler took the old instances out of routing, so requests sent
             // after this call returns reach the new version.
@@ -253,6 +253,7 @@ impl Platform {
         &self,
         spec: Arc<FunctionSpec>,
         code_dir: PathBuf,
+        code_digest: Option<String>,
     ) -> Result<(Applied, Option<(watch::Receiver<u64>, u64)>), PlatformError> {
         let key = function_key(&spec);
         let mut namespaces = self.namespaces.lock();
@@ -277,6 +278,7 @@ impl Platform {
             let _ = entry.resolved.send(Resolved {
                 spec,
                 code_dir,
+                code_digest,
                 generation,
             });
             tracing::info!(function = %entry.spec.name, namespace = %entry.spec.namespace, replace, "function updated");
@@ -291,6 +293,7 @@ impl Platform {
         let (resolved_tx, resolved_rx) = watch::channel(Resolved {
             spec: Arc::clone(&spec),
             code_dir: code_dir.clone(),
+            code_digest,
             generation,
         });
         let (stop_tx, stop_rx) = watch::channel(Stop::No);
@@ -324,7 +327,11 @@ impl Platform {
 
     /// Resolves the function's code and checks that it has the executable the function's kind
     /// starts. Code that fails the check is discarded if this call unpacked it.
-    async fn resolve_code(&self, spec: &FunctionSpec) -> Result<PathBuf, PlatformError> {
+    /// Returns the code directory and, for a zip package, its SHA-256.
+    async fn resolve_code(
+        &self,
+        spec: &FunctionSpec,
+    ) -> Result<(PathBuf, Option<String>), PlatformError> {
         let source = spec.code.clone();
         let function_dir = self.config.function_dir.clone();
         let (namespace, name) = (spec.namespace.clone(), spec.name.clone());
@@ -332,7 +339,7 @@ impl Platform {
         tokio::task::spawn_blocking(move || {
             let code = crate::code::resolve(&source, &function_dir, &namespace, &name)?;
             match crate::code::check_entrypoint(&code.path, &source, kind, runtime) {
-                Ok(()) => Ok(code.path),
+                Ok(()) => Ok((code.path, code.digest)),
                 Err(error) => {
                     code.discard();
                     Err(error)
@@ -341,6 +348,29 @@ impl Platform {
         })
         .await
         .map_err(|error| PlatformError::Internal(format!("code resolution task failed: {error}")))?
+    }
+
+    /// Reads the stored code package with SHA-256 `digest` (64 lowercase hex digits).
+    pub async fn package(&self, digest: &str) -> Result<bytes::Bytes, PlatformError> {
+        if !crate::code::is_sha256_hex(digest) {
+            return Err(PlatformError::invalid(
+                "digest",
+                format!("expected a SHA-256 as 64 lowercase hex digits, got {digest:?}"),
+            ));
+        }
+        let path = crate::code::package_path(&self.config.function_dir, digest);
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => Ok(bytes::Bytes::from(bytes)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                Err(PlatformError::NotFound {
+                    what: format!("package sha256:{digest}"),
+                })
+            }
+            Err(error) => Err(PlatformError::Internal(format!(
+                "cannot read package {}: {error}",
+                path.display()
+            ))),
+        }
     }
 
     /// Deletes a function: waiting requests fail at once; instances drain and stop in the

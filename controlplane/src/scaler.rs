@@ -37,6 +37,8 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 pub struct Resolved {
     pub spec: Arc<FunctionSpec>,
     pub code_dir: PathBuf,
+    /// SHA-256 of the code package; `None` for a directory source.
+    pub code_digest: Option<String>,
     pub generation: u64,
 }
 
@@ -200,6 +202,7 @@ impl Scaler {
             instance_id: id,
             function: Arc::clone(spec),
             code_dir: resolved.code_dir.clone(),
+            code_digest: resolved.code_digest.clone(),
         };
         let backend = Arc::clone(&self.parts.backend);
         let events = self.events_tx.clone();

@@ -74,6 +74,7 @@ impl Fixture {
             instance_id,
             function: Arc::new(spec),
             code_dir: self.code_dir.clone(),
+            code_digest: None,
         }
     }
 
@@ -806,6 +807,7 @@ async fn local_examples_listen_on_instance_ip() {
                 instance_id: 21,
                 function: Arc::new(fixture.spec(kind, EventRuntime::Image)),
                 code_dir: examples.join(example),
+                code_digest: None,
             };
 
             let instance = start_ok(&backend, request).await;

@@ -313,7 +313,16 @@ fn check_volumes(context: &ContainerContext) -> Result<(), String> {
         };
         let host_path = volume.pointer("/hostPath/path").and_then(Value::as_str);
         match host_path {
-            Some(path) if path.trim_end_matches('/') == mount_path.trim_end_matches('/') => {}
+            Some(path) if path.trim_end_matches('/') == mount_path.trim_end_matches('/') => {
+                // The kubelet creates a missing DirectoryOrCreate path (mode 0755) before it
+                // mounts it.
+                let kind = volume.pointer("/hostPath/type").and_then(Value::as_str);
+                if kind == Some("DirectoryOrCreate") {
+                    std::fs::create_dir_all(path).map_err(|error| {
+                        format!("cannot create hostPath {path} for volume \"{name}\": {error}")
+                    })?;
+                }
+            }
             Some(path) => {
                 return Err(format!(
                     "kubesim cannot mount hostPath volume \"{name}\" ({path}) at {mount_path}: a hostPath volume must be mounted at its own host path"

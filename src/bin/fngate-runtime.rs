@@ -14,6 +14,9 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    if let Err(message) = wait_for_code() {
+        return exit_with(127, &message);
+    }
     if let Some(program) = std::env::var_os("FNGATE_EXEC") {
         return exec(std::path::PathBuf::from(program));
     }
@@ -41,6 +44,41 @@ fn main() -> ExitCode {
     };
     let exit = runtime.block_on(fngate_runtime::run(config));
     exit_with(exit.code, &exit.reason)
+}
+
+/// Waits until `FNGATE_CODE_DIR` exists, then makes it the working directory. In a runtime pod
+/// the node agent delivers the code version there, possibly after the pod started; the wait is
+/// bounded by `FNGATE_CODE_WAIT_MS` (default 30 s). Without `FNGATE_CODE_DIR` it does nothing.
+fn wait_for_code() -> Result<(), String> {
+    let Some(dir) = std::env::var_os("FNGATE_CODE_DIR") else {
+        return Ok(());
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let wait_ms: u64 = match std::env::var("FNGATE_CODE_WAIT_MS") {
+        Ok(value) => value
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid FNGATE_CODE_WAIT_MS {value:?}: expected milliseconds"))?,
+        Err(_) => 30_000,
+    };
+    let started = std::time::Instant::now();
+    let mut logged = false;
+    while !dir.is_dir() {
+        if started.elapsed() >= std::time::Duration::from_millis(wait_ms) {
+            return Err(format!(
+                "code version {} did not arrive on this node within {wait_ms} ms; check the fngate \
+                 agent on this node and that it can fetch packages from the control plane",
+                dir.display()
+            ));
+        }
+        if !logged {
+            eprintln!("fngate-runtime: waiting for code version {}", dir.display());
+            logged = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::env::set_current_dir(&dir)
+        .map_err(|error| format!("cannot enter the code directory {}: {error}", dir.display()))
 }
 
 /// Replaces the process with `program`, or returns 127 with the reason it cannot run.

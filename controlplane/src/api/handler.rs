@@ -103,6 +103,10 @@ where
                 Ok(reply::no_content())
             }
         },
+        Route::Package { digest } => {
+            let package = control.package(&digest).await?;
+            Ok(reply::package(&digest, package))
+        }
     }
 }
 

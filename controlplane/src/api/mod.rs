@@ -3,7 +3,8 @@
 //!
 //! Routes, under `/v1`: `GET /namespaces`; `GET`, `PUT`, `DELETE /namespaces/{namespace}`;
 //! `GET /namespaces/{namespace}/functions`; `GET`, `PUT`, `DELETE
-//! /namespaces/{namespace}/functions/{name}`; and `GET /healthz`. This module parses requests,
+//! /namespaces/{namespace}/functions/{name}`; `GET /packages/{sha256}` (a code package, for node
+//! agents); and `GET /healthz`. This module parses requests,
 //! checks that names in a body agree with the path, and maps errors to statuses. Validation,
 //! storage and code resolution are left to `Platform`, and authentication to whatever sits in
 //! front of the listener.
@@ -59,6 +60,11 @@ pub(crate) trait Control: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), PlatformError>> + Send;
     fn functions(&self, namespace: &str) -> Result<Vec<FunctionStatus>, PlatformError>;
     fn function(&self, namespace: &str, name: &str) -> Result<FunctionStatus, PlatformError>;
+    /// Reads the stored code package with SHA-256 `digest`.
+    fn package(
+        &self,
+        digest: &str,
+    ) -> impl Future<Output = Result<bytes::Bytes, PlatformError>> + Send;
 }
 
 impl Control for Platform {
@@ -101,6 +107,13 @@ impl Control for Platform {
 
     fn function(&self, namespace: &str, name: &str) -> Result<FunctionStatus, PlatformError> {
         Platform::function(self, namespace, name)
+    }
+
+    fn package(
+        &self,
+        digest: &str,
+    ) -> impl Future<Output = Result<bytes::Bytes, PlatformError>> + Send {
+        Platform::package(self, digest)
     }
 }
 

@@ -102,6 +102,20 @@ fn with_body(status: StatusCode, body: Bytes) -> ApiResponse {
 }
 
 /// Builds an empty 204 response.
+/// A code package as `application/zip`, with its digest as the entity tag.
+pub(crate) fn package(digest: &str, bytes: Bytes) -> ApiResponse {
+    let mut response = with_body(StatusCode::OK, bytes);
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/zip"),
+    );
+    if let Ok(etag) = hyper::header::HeaderValue::from_str(&format!("\"sha256:{digest}\"")) {
+        headers.insert(hyper::header::ETAG, etag);
+    }
+    response
+}
+
 pub(crate) fn no_content() -> ApiResponse {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;

@@ -18,6 +18,8 @@ pub(crate) enum Route {
     Functions { namespace: String },
     /// `/v1/namespaces/{namespace}/functions/{name}`
     Function { namespace: String, name: String },
+    /// `/v1/packages/{sha256}`: a stored code package, for node agents.
+    Package { digest: String },
 }
 
 impl Route {
@@ -43,6 +45,9 @@ impl Route {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
             }),
+            ["packages", digest] => Some(Route::Package {
+                digest: digest.to_string(),
+            }),
             _ => None,
         }
     }
@@ -50,7 +55,10 @@ impl Route {
     /// Returns the methods the route allows, as the `Allow` header lists them.
     pub(crate) fn allow(&self) -> &'static str {
         match self {
-            Route::Healthz | Route::Namespaces | Route::Functions { .. } => "GET",
+            Route::Healthz
+            | Route::Namespaces
+            | Route::Functions { .. }
+            | Route::Package { .. } => "GET",
             Route::Namespace { .. } | Route::Function { .. } => "GET, PUT, DELETE",
         }
     }

@@ -76,6 +76,10 @@ impl Control for FakeControl {
             .collect()
     }
 
+    async fn package(&self, digest: &str) -> Result<Bytes, PlatformError> {
+        Err(not_found(format!("package sha256:{digest}")))
+    }
+
     async fn put_function(&self, spec: FunctionSpec) -> Result<Applied, PlatformError> {
         crate::validate::function(&spec)?;
         let mut namespaces = self.namespaces.lock();
@@ -164,6 +168,21 @@ async fn healthz_ok() {
     let (status, _, body) = call(&FakeControl::default(), Method::GET, "/healthz", "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, json!({"status": "ok"}));
+}
+
+#[tokio::test]
+async fn missing_package_is_json_404() {
+    let path = format!("/v1/packages/{}", "ab".repeat(32));
+    let (status, allow, body) = call(&FakeControl::default(), Method::PUT, &path, "").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(allow.as_deref(), Some("GET"));
+    assert_eq!(body["error"]["code"], "MethodNotAllowed");
+    let (status, _, body) = call(&FakeControl::default(), Method::GET, &path, "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("sha256:abab"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@
 //! deletes it with a grace period, naming its UID so a replacement with the same name is never
 //! touched.
 
+pub mod agent;
 pub mod pod;
 
 use std::path::PathBuf;
@@ -158,7 +159,16 @@ impl InstanceBackend for KubeBackend {
 
 /// Builds a client from the binding's kubeconfig, or from the in-cluster service account.
 async fn client(binding: &KubeBinding) -> Result<kube::Client, PlatformError> {
-    let config = match &binding.kubeconfig {
+    connect(binding.kubeconfig.as_deref(), binding.context.as_deref()).await
+}
+
+/// Builds a client from a kubeconfig file and context, or from the in-cluster service account
+/// when `kubeconfig` is `None`.
+pub async fn connect(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> Result<kube::Client, PlatformError> {
+    let config = match kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path).map_err(|error| {
                 PlatformError::invalid(
@@ -167,7 +177,7 @@ async fn client(binding: &KubeBinding) -> Result<kube::Client, PlatformError> {
                 )
             })?;
             let options = KubeConfigOptions {
-                context: binding.context.clone(),
+                context: context.map(str::to_owned),
                 ..KubeConfigOptions::default()
             };
             kube::Config::from_custom_kubeconfig(kubeconfig, &options)

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 
 use crate::backend::StartRequest;
+use crate::code::version_path;
 use crate::model::{EventRuntime, FunctionKind, KubeBinding, LATEST};
 
 /// Path of the runtime wrapper in the runtime image.
@@ -19,11 +20,36 @@ pub const CONTAINER: &str = "runtime";
 /// Time a pod gets after its function's timeout to stop once deleted.
 const STOP_MARGIN_SECS: u64 = 5;
 
-/// Builds the pod for `request`. `code_dir` is the code's path on the nodes; it is mounted
-/// read-only at the same path and is the runtime's working directory.
+/// Annotation with the SHA-256 of the pod's code package, for the node agent.
+pub const ANNOTATION_CODE_SHA256: &str = "fngate.io/code-sha256";
+/// Annotation with the code version's path relative to the function directory, where the node
+/// agent unpacks the package.
+pub const ANNOTATION_CODE_VERSION: &str = "fngate.io/code-version";
+
+/// Builds the pod for `request`.
+///
+/// A zip package (`request.code_digest` set) is delivered by the node agent to its version
+/// directory under the binding's function directory. The pod mounts the function's `code`
+/// directory (created empty if missing) and the runtime wrapper waits for the version to appear
+/// before it starts anything. A directory source is used at `code_dir`, its path on the nodes,
+/// which must exist there.
 pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Path) -> Pod {
     let spec = &request.function;
-    let code = code_dir.to_string_lossy();
+    let version = request
+        .code_digest
+        .as_deref()
+        .map(|digest| (digest, version_path(&spec.namespace, &spec.name, digest)));
+    // The mounted directory, and the working directory the runtime starts in.
+    let (mount, host_path_type) = match &version {
+        Some((_, version)) => (
+            binding
+                .function_dir
+                .join(version.parent().expect("a version path has a parent")),
+            "DirectoryOrCreate",
+        ),
+        None => (code_dir.to_path_buf(), "Directory"),
+    };
+    let code = mount.to_string_lossy();
     let name = pod_name(&spec.namespace, &spec.name, request.instance_id);
 
     let mut env: Vec<Value> = spec
@@ -46,6 +72,22 @@ pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Pat
             set("FNGATE_INIT_TIMEOUT_MS", spec.start_timeout_ms.to_string());
         }
         _ => set("FNGATE_EXEC", "scf_bootstrap".to_owned()),
+    }
+    if let Some((_, version)) = &version {
+        set(
+            "FNGATE_CODE_DIR",
+            binding
+                .function_dir
+                .join(version)
+                .to_string_lossy()
+                .into_owned(),
+        );
+        // Shorter than the start timeout, so the wrapper's reason (code missing) reaches the
+        // waiting requests before the scaler gives up on the pod with a bare timeout.
+        set(
+            "FNGATE_CODE_WAIT_MS",
+            (spec.start_timeout_ms / 5 * 4).to_string(),
+        );
     }
     env.push(json!({
         "name": "FNGATE_INSTANCE_IP",
@@ -81,7 +123,7 @@ pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Pat
                 "capabilities": {"drop": ["ALL"]},
             },
         }],
-        "volumes": [{"name": "code", "hostPath": {"path": code, "type": "Directory"}}],
+        "volumes": [{"name": "code", "hostPath": {"path": code, "type": host_path_type}}],
         "restartPolicy": "Never",
         "automountServiceAccountToken": false,
         "enableServiceLinks": false,
@@ -98,6 +140,15 @@ pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Pat
         pod_spec["affinity"] = json!(affinity);
     }
 
+    let mut annotations = json!({
+        ANNOTATION_NAMESPACE: spec.namespace,
+        ANNOTATION_FUNCTION: spec.name,
+        ANNOTATION_QUALIFIER: LATEST,
+    });
+    if let Some((digest, version)) = &version {
+        annotations[ANNOTATION_CODE_SHA256] = json!(digest);
+        annotations[ANNOTATION_CODE_VERSION] = json!(version.to_string_lossy());
+    }
     let pod = json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -111,11 +162,7 @@ pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Pat
                 LABEL_QUALIFIER: "latest",
                 LABEL_INSTANCE: request.instance_id.to_string(),
             },
-            "annotations": {
-                ANNOTATION_NAMESPACE: spec.namespace,
-                ANNOTATION_FUNCTION: spec.name,
-                ANNOTATION_QUALIFIER: LATEST,
-            },
+            "annotations": annotations,
         },
         "spec": pod_spec,
     });
@@ -189,6 +236,7 @@ mod tests {
             instance_id: 7,
             function: Arc::new(spec),
             code_dir: PathBuf::from("/srv/fngate/default/hello/abc"),
+            code_digest: None,
         }
     }
 
