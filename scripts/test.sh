@@ -3,7 +3,8 @@
 # the criterion benches in test mode, and a quick run of every benchmark scenario so the harness
 # cannot rot (it asserts nothing about timings). The end-to-end tests start real processes and
 # need python3 and curl on PATH; the manifest test needs kubernetes-validate (pip); the quick
-# benchmark run needs nginx, haproxy and oha.
+# benchmark run needs nginx, haproxy and oha; the image build needs podman, runc and
+# debootstrap, and is skipped with a message when podman is missing (.ci/run installs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,3 +14,8 @@ FNGATE_REQUIRE_KUBERNETES_VALIDATE=1 cargo test --workspace --locked
 cargo test --locked -p fngate-proxy --benches
 cargo build --locked -p fngate -p fngate-loadtest
 target/debug/fngate-loadtest all --quick --fngate-bin target/debug/fngate --out target/loadtest-quick
+if command -v podman >/dev/null; then
+    scripts/test-images.sh target/debug
+else
+    echo "SKIPPED scripts/test-images.sh: podman is not installed (apt-get install podman runc debootstrap)"
+fi

@@ -190,3 +190,42 @@ fn validate_schemas(files: &[std::path::PathBuf]) {
         );
     }
 }
+
+/// `deploy/fngate.yaml` passes the schemas, and the platform file in its ConfigMap loads.
+#[test]
+fn deploy_manifests_pass_and_their_platform_file_loads() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/fngate.yaml");
+    validate_schemas(std::slice::from_ref(&deploy));
+
+    let yaml = std::fs::read_to_string(&deploy).unwrap();
+    let start = yaml
+        .find("fngate.toml: |\n")
+        .expect("deploy/fngate.yaml has no fngate.toml in its ConfigMap");
+    // The block scalar: every following line indented by four spaces, or empty.
+    let platform: String = yaml[start..]
+        .lines()
+        .skip(1)
+        .take_while(|line| line.is_empty() || line.starts_with("    "))
+        .map(|line| format!("{}\n", line.get(4..).unwrap_or("")))
+        .collect();
+    assert!(platform.contains("[namespace.kubernetes]"), "{platform}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fngate.toml");
+    std::fs::write(&config, &platform).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_fngate"))
+        .arg("manifests")
+        .arg("--config")
+        .arg(&config)
+        .arg("--function-dir")
+        .arg(dir.path().join("data"))
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "the ConfigMap's platform file does not load: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
