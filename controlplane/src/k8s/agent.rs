@@ -1,10 +1,11 @@
 //! The node agent: puts the code packages that runtime pods on its node need into the node's
 //! function directory, and removes versions no pod has used for a while.
 //!
-//! It watches the runtime pods bound to its node. For each pod's code version (annotations
-//! `fngate.io/code-sha256` and `fngate.io/code-version`) that is not on disk, it fetches the
-//! package from the control plane, checks its SHA-256, unpacks it beside the target and renames
-//! it into place, so a runtime never sees a half-written tree. A package whose digest does not
+//! It watches the runtime pods bound to its node. Each pod names its code version in the
+//! annotations `fngate.io/code-sha256` and `fngate.io/code-version`. For a version that is not
+//! on disk, the agent fetches the package from the control plane, checks its SHA-256, unpacks it
+//! beside the target and renames it into place. A runtime therefore never reads a half-written
+//! tree. A package whose digest does not
 //! match is discarded and never unpacked. The runtime wrapper in the pod waits for the version
 //! directory to appear.
 
@@ -225,6 +226,7 @@ async fn fetch(config: &AgentConfig, version: &Version, target: &Path) -> Result
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("invalid package URL {url}: {e}"))?;
+
     if uri.scheme_str() != Some("http") {
         return Err(format!(
             "unsupported package URL {url}: only http:// is supported"
@@ -242,6 +244,7 @@ async fn fetch(config: &AgentConfig, version: &Version, target: &Path) -> Result
             .await
             .map_err(|e| format!("HTTP handshake with {authority} failed: {e}"))?;
     tokio::spawn(connection);
+
     let request = http::Request::get(uri.path())
         .header(http::header::HOST, authority.as_str())
         .body(Empty::<Bytes>::new())
@@ -263,6 +266,7 @@ async fn fetch(config: &AgentConfig, version: &Version, target: &Path) -> Result
             String::from_utf8_lossy(&body).trim()
         ));
     }
+
     let mut file = tokio::fs::File::create(target)
         .await
         .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
