@@ -139,6 +139,12 @@ impl Env {
         env
     }
 
+    /// Starts kubesim with one node for functions, and fngate bound to it.
+    async fn start_sim(dir: tempfile::TempDir, binding: &str, functions: &str) -> Env {
+        let nodes = vec![function_node("node-1")];
+        Env::start(Target::Sim { nodes }, dir, binding, functions).await
+    }
+
     fn sim(&self) -> &Cluster {
         self.sim.as_ref().expect("this test needs kubesim")
     }
@@ -572,15 +578,7 @@ nodeSelectorTerms = [{ matchExpressions = [{ key = "kubernetes.io/hostname", ope
 async fn watch_gap_leaves_no_stale_route() {
     let dir = tempdir();
     let code = web_function(dir.path(), "site");
-    let env = Env::start(
-        Target::Sim {
-            nodes: vec![function_node("node-1")],
-        },
-        dir,
-        "",
-        &web_toml("site", &code, ""),
-    )
-    .await;
+    let env = Env::start_sim(dir, "", &web_toml("site", &code, "")).await;
     let warm = get(env.fngate.proxy, "/web/default/site/").await;
     assert_eq!(warm.status, 200, "{}", warm.text());
     assert_eq!(env.routable("site").await, 1.0);
@@ -627,15 +625,7 @@ fn pod_lists(sim: &Cluster, namespace: &str) -> usize {
 async fn same_name_replacement_routed_by_uid() {
     let dir = tempdir();
     let code = web_function(dir.path(), "site");
-    let env = Env::start(
-        Target::Sim {
-            nodes: vec![function_node("node-1")],
-        },
-        dir,
-        "",
-        &web_toml("site", &code, ""),
-    )
-    .await;
+    let env = Env::start_sim(dir, "", &web_toml("site", &code, "")).await;
     let warm = get(env.fngate.proxy, "/web/default/site/").await;
     assert_eq!(warm.status, 200, "{}", warm.text());
     let old = env.runtime_pods().await.remove(0);
@@ -720,15 +710,7 @@ async fn event_functions_run_in_pods() {
         custom.dir.display(),
         image.display()
     );
-    let env = Env::start(
-        Target::Sim {
-            nodes: vec![function_node("node-1")],
-        },
-        dir,
-        "",
-        &functions,
-    )
-    .await;
+    let env = Env::start_sim(dir, "", &functions).await;
 
     let reply = invoke(&env.fngate, "default", "custom", r#"{"n": 1}"#).await;
     assert_eq!(
@@ -785,15 +767,7 @@ HTTPServer((os.environ["FNGATE_INSTANCE_IP"], int(os.environ["PORT"])), Handler)
 async fn keep_warm_expiry_deletes_the_pod() {
     let dir = tempdir();
     let code = web_function(dir.path(), "site");
-    let env = Env::start(
-        Target::Sim {
-            nodes: vec![function_node("node-1")],
-        },
-        dir,
-        "",
-        &web_toml("site", &code, "keep_warm_ms = 1000"),
-    )
-    .await;
+    let env = Env::start_sim(dir, "", &web_toml("site", &code, "keep_warm_ms = 1000")).await;
     let first = get(env.fngate.proxy, "/web/default/site/").await;
     assert_eq!(first.status, 200, "{}", first.text());
     assert_eq!(env.runtime_pods().await.len(), 1);
@@ -812,15 +786,7 @@ async fn keep_warm_expiry_deletes_the_pod() {
 async fn restarted_control_plane_deletes_earlier_pods() {
     let dir = tempdir();
     let code = web_function(dir.path(), "site");
-    let env = Env::start(
-        Target::Sim {
-            nodes: vec![function_node("node-1")],
-        },
-        dir,
-        "",
-        &web_toml("site", &code, ""),
-    )
-    .await;
+    let env = Env::start_sim(dir, "", &web_toml("site", &code, "")).await;
     let first = get(env.fngate.proxy, "/web/default/site/").await;
     assert_eq!(first.status, 200, "{}", first.text());
     let earlier_pod = name_of(&env.runtime_pods().await[0]);
@@ -937,15 +903,7 @@ async fn zip_env(extra: &str) -> (Env, PathBuf, PathBuf) {
         package.display()
     );
     let binding = format!("function_dir = \"{}\"", node_dir.display());
-    let env = Env::start(
-        Target::Sim {
-            nodes: vec![function_node("node-1")],
-        },
-        dir,
-        &binding,
-        &functions,
-    )
-    .await;
+    let env = Env::start_sim(dir, &binding, &functions).await;
     (env, node_dir, logs)
 }
 

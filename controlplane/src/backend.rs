@@ -26,6 +26,22 @@ pub struct StartRequest {
     pub code_digest: Option<String>,
 }
 
+impl StartRequest {
+    /// Returns the variables every instance gets from the platform, whatever its backend: SCF's
+    /// `SCF_*` description of the function and fngate's instance id.
+    pub fn platform_env(&self) -> [(&'static str, String); 6] {
+        let spec = &self.function;
+        [
+            ("SCF_FUNCTIONNAME", spec.name.clone()),
+            ("SCF_NAMESPACE", spec.namespace.clone()),
+            ("SCF_FUNCTIONVERSION", crate::model::LATEST.to_owned()),
+            ("SCF_MEMSIZE", spec.memory_mb.to_string()),
+            ("SCF_TIMEOUT", spec.timeout_ms.to_string()),
+            ("FNGATE_INSTANCE_ID", self.instance_id.to_string()),
+        ]
+    }
+}
+
 /// Reason an instance failed to start or stopped on its own.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum InstanceFailure {

@@ -58,12 +58,9 @@ pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Pat
         .map(|(name, value)| json!({"name": name, "value": value}))
         .collect();
     let mut set = |name: &str, value: String| env.push(json!({"name": name, "value": value}));
-    set("SCF_FUNCTIONNAME", spec.name.clone());
-    set("SCF_NAMESPACE", spec.namespace.clone());
-    set("SCF_FUNCTIONVERSION", LATEST.to_owned());
-    set("SCF_MEMSIZE", spec.memory_mb.to_string());
-    set("SCF_TIMEOUT", spec.timeout_ms.to_string());
-    set("FNGATE_INSTANCE_ID", request.instance_id.to_string());
+    for (name, value) in request.platform_env() {
+        set(name, value);
+    }
     set("PORT", RUNTIME_PORT.to_string());
     match (spec.kind, spec.event_runtime()) {
         (FunctionKind::Event, EventRuntime::Custom) => {

@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::backend::{InstanceFailure, StartRequest};
-use crate::model::{EventRuntime, FunctionKind, FunctionSpec, LATEST};
+use crate::model::{EventRuntime, FunctionKind, FunctionSpec};
 
 use super::LocalBackendConfig;
 
@@ -133,12 +133,9 @@ pub(super) fn build_env(
     let mut set = |name: &str, value: String| {
         env.insert(OsString::from(name), OsString::from(value));
     };
-    set("SCF_FUNCTIONNAME", spec.name.clone());
-    set("SCF_NAMESPACE", spec.namespace.clone());
-    set("SCF_FUNCTIONVERSION", LATEST.to_owned());
-    set("SCF_MEMSIZE", spec.memory_mb.to_string());
-    set("SCF_TIMEOUT", spec.timeout_ms.to_string());
-    set("FNGATE_INSTANCE_ID", request.instance_id.to_string());
+    for (name, value) in request.platform_env() {
+        set(name, value);
+    }
     match &entrypoint.wrapped_bootstrap {
         Some(bootstrap) => {
             set("FNGATE_INVOKE_LISTEN", addr.to_string());
