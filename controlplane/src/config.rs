@@ -36,8 +36,10 @@ pub struct PlatformFile {
 /// 1-based line of the table at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: io::Error },
+    /// `cause` is part of the message and deliberately not the error's `source()`, so a
+    /// printer that walks the chain (anyhow's `{:#}`) shows it once.
+    #[error("cannot read {}: {cause}", path.display())]
+    Read { path: PathBuf, cause: io::Error },
     /// The file is not valid TOML, or a table has an unknown field or a wrong type.
     #[error("{}: {}{message}", path.display(), location(*line, *column))]
     Parse {
@@ -47,14 +49,14 @@ pub enum ConfigError {
         message: String,
     },
     /// A spec breaks a rule of `validate`; `position` counts the section's tables from 1.
-    #[error("{}: line {line}: {section} number {position} ({name}): {source}", path.display())]
+    #[error("{}: line {line}: {section} number {position} ({name}): {cause}", path.display())]
     Invalid {
         path: PathBuf,
         line: usize,
         section: &'static str,
         position: usize,
         name: String,
-        source: Box<PlatformError>,
+        cause: Box<PlatformError>,
     },
     #[error(
         "{}: line {line}: namespace {name:?} is declared twice (first at line {first_line}); merge the \
@@ -116,9 +118,9 @@ struct RawFile {
 
 /// Reads, parses and checks the platform file at `path`.
 pub fn load(path: &Path) -> Result<PlatformFile, ConfigError> {
-    let read_error = |source| ConfigError::Read {
+    let read_error = |cause| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let text = std::fs::read_to_string(path).map_err(read_error)?;
     let base_dir = std::path::absolute(path)
@@ -210,7 +212,7 @@ impl Checker<'_> {
                 section: "[[namespace]]",
                 position: index + 1,
                 name: spec.name.clone(),
-                source: Box::new(source),
+                cause: Box::new(source),
             })?;
             if let Some(&first_line) = first_lines.get(&spec.name) {
                 return Err(ConfigError::DuplicateNamespace {
@@ -244,7 +246,7 @@ impl Checker<'_> {
                 section: "[[function]]",
                 position: index + 1,
                 name: qualified_name(spec),
-                source: Box::new(source),
+                cause: Box::new(source),
             };
             validate::function(&spec).map_err(|source| invalid(&spec, source))?;
             let namespace = namespaces.iter().find(|n| n.name == spec.namespace);

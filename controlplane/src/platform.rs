@@ -175,6 +175,7 @@ impl Platform {
             None => Ok(Arc::clone(&self.backend)),
             Some(binding) => {
                 let backend = crate::k8s::KubeBackend::connect(
+                    &spec.name,
                     binding,
                     Arc::clone(&self.router),
                     self.config.function_dir.clone(),

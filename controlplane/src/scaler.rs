@@ -334,6 +334,9 @@ impl Scaler {
                         .pool
                         .remove_instance(managed.instance.id(), InstanceState::Failed);
                     self.parts.quota.release(managed.memory_mb);
+                    // Removes what the exit left behind, such as a failed pod.
+                    let running = Arc::clone(&managed.running);
+                    tokio::spawn(async move { running.stop(Duration::ZERO).await });
                     tracing::warn!(function = %self.parts.function.key, instance = id,
                         error = %failure, "instance exited unexpectedly");
                     counter!("fngate_instance_exits_total", "namespace" => self.parts.function.key.namespace.clone(), "function" => self.parts.function.key.name.clone()).increment(1);
@@ -449,9 +452,9 @@ impl Scaler {
                 in_flight: 0,
             });
         }
-        for managed in self.ready.values() {
+        for (id, managed) in &self.ready {
             status.push(InstanceStatus {
-                id: managed.instance.id(),
+                id: *id,
                 state: "ready",
                 addr: Some(managed.instance.addr().to_string()),
                 in_flight: managed.instance.in_flight(),

@@ -206,7 +206,7 @@ concurrency = 5
         section,
         position,
         name,
-        source,
+        cause: source,
         ..
     } = &error
     else {
@@ -230,7 +230,7 @@ concurrency = 5
 #[test]
 fn missing_name_rejected() {
     let error = load_error("[[function]]\nkind = \"web\"\ncode = { directory = \"/a\" }\n");
-    let ConfigError::Invalid { source, .. } = &error else {
+    let ConfigError::Invalid { cause: source, .. } = &error else {
         panic!("expected Invalid, got {error:?}");
     };
     assert!(
@@ -376,7 +376,7 @@ memory_mb = 512
         line,
         section,
         name,
-        source,
+        cause: source,
         ..
     } = &error
     else {

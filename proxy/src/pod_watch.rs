@@ -19,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
@@ -85,6 +85,9 @@ pub struct WatchConfig {
     pub runtime_port: u16,
     /// Routes only pods whose [`ANNOTATION_OWNER`] has this value; `None` routes every pod.
     pub owner: Option<String>,
+    /// Routes only pods of this function namespace; `None` routes pods of every namespace.
+    /// Several function namespaces may share one k8s namespace, each with its own watcher.
+    pub function_namespace: Option<String>,
 }
 
 /// Reason a pod will not become or stay routable.
@@ -147,7 +150,6 @@ struct PodView {
     owner: Option<String>,
     failure: Option<PodFailure>,
     waiting: Option<String>,
-    created: Option<SystemTime>,
 }
 
 impl PodView {
@@ -204,10 +206,6 @@ impl PodView {
             owner: annotation(ANNOTATION_OWNER),
             failure,
             waiting,
-            created: meta
-                .creation_timestamp
-                .as_ref()
-                .map(|t| SystemTime::from(t.0)),
         })
     }
 
@@ -287,6 +285,9 @@ struct Tracked {
     /// The kubelet reported Ready once; from then on its condition alone decides.
     kubelet_ready_seen: bool,
     probe: Option<JoinHandle<()>>,
+    /// When the watcher first saw the pod, a few milliseconds after its creation. Creation
+    /// timestamps have whole seconds only, too coarse for a boot time.
+    first_seen: tokio::time::Instant,
 }
 
 impl Drop for Tracked {
@@ -377,6 +378,7 @@ async fn run(api: Api<Pod>, config: WatchConfig, router: Arc<Router>, shared: Ar
         probe_tx,
         port: config.runtime_port,
         owner: config.owner.clone(),
+        function_namespace: config.function_namespace.clone(),
     };
     loop {
         let stream = watcher::watcher(api.clone(), watcher::Config::default().labels(&selector))
@@ -417,6 +419,7 @@ struct Tracker {
     probe_tx: mpsc::UnboundedSender<String>,
     port: u16,
     owner: Option<String>,
+    function_namespace: Option<String>,
 }
 
 /// Instance changes of one function within a batch.
@@ -521,6 +524,7 @@ impl Tracker {
                         probed: false,
                         kubelet_ready_seen: false,
                         probe: None,
+                        first_seen: tokio::time::Instant::now(),
                     },
                 );
             }
@@ -566,7 +570,10 @@ impl Tracker {
                 .lookup(&key.namespace, &key.name, &key.qualifier)
                 .ok()
         });
-        let owned = self.owner.is_none() || view.owner == self.owner;
+        let owned = (self.owner.is_none() || view.owner == self.owner)
+            && self.function_namespace.as_ref().is_none_or(|namespace| {
+                view.key.as_ref().map(|key| &key.namespace) == Some(namespace)
+            });
         let routable = owned && view.runnable() && ready && !retired && function.is_some();
 
         // Probe the runtime port of a running pod the kubelet has not reported ready yet.
@@ -591,10 +598,7 @@ impl Tracker {
             let instance = match &tracked.instance {
                 Some(instance) if instance.addr() == addr => Arc::clone(instance),
                 _ => {
-                    let boot_time = view
-                        .created
-                        .and_then(|created| SystemTime::now().duration_since(created).ok())
-                        .unwrap_or_default();
+                    let boot_time = tracked.first_seen.elapsed();
                     let instance = Arc::new(Instance::new(
                         next_instance_id(),
                         addr,
@@ -848,6 +852,7 @@ mod tests {
                 probe_tx,
                 port,
                 owner: None,
+                function_namespace: None,
             };
             (tracker, probe_rx)
         }

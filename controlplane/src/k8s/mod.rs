@@ -50,13 +50,13 @@ impl KubeBackend {
     /// cluster itself is not contacted here, so an unreachable API shows up as watch errors
     /// and an unready `/readyz`.
     pub async fn connect(
+        function_namespace: &str,
         binding: &KubeBinding,
         router: Arc<Router>,
         host_function_dir: PathBuf,
     ) -> Result<KubeBackend, PlatformError> {
         let client = client(binding).await?;
-        // Names this control plane in its pods, so the watcher routes none left by another.
-        let owner = uuid::Uuid::new_v4().to_string();
+        let owner = process_owner().to_owned();
         let watcher = PodWatcher::spawn(
             client.clone(),
             WatchConfig {
@@ -64,6 +64,7 @@ impl KubeBackend {
                 resync_interval: Duration::from_millis(binding.resync_interval_ms),
                 runtime_port: fngate_proxy::pod_watch::RUNTIME_PORT,
                 owner: Some(owner.clone()),
+                function_namespace: Some(function_namespace.to_owned()),
             },
             router,
         );
@@ -84,6 +85,7 @@ impl KubeBackend {
     ) -> Result<Box<dyn RunningInstance>, InstanceFailure> {
         let started = Instant::now();
         let start_timeout = request.function.start_timeout();
+        let deadline = started + start_timeout;
         let code_dir =
             pod::node_code_dir(&request.code_dir, &self.host_function_dir, &self.binding);
         let mut pod = pod::runtime_pod(&self.binding, &request, &code_dir);
@@ -93,16 +95,26 @@ impl KubeBackend {
             .insert(ANNOTATION_OWNER.to_owned(), self.owner.clone());
         let name = pod.metadata.name.clone().unwrap_or_default();
 
-        let created = self
-            .pods
-            .create(&PostParams::default(), &pod)
-            .await
-            .map_err(|error| {
-                InstanceFailure::Spawn(format!(
+        let params = PostParams::default();
+        let create = self.pods.create(&params, &pod);
+        let created = match tokio::time::timeout_at(deadline, create).await {
+            Ok(Ok(created)) => created,
+            Ok(Err(error)) => {
+                return Err(InstanceFailure::Spawn(format!(
                     "cannot create pod {name} in k8s namespace {}: {error}",
                     self.binding.namespace
-                ))
-            })?;
+                )))
+            }
+            Err(_) => {
+                // The API server may still create the pod; its name is unique, so delete it
+                // by name once the server answers again.
+                tokio::spawn(delete_abandoned(self.pods.clone(), name.clone()));
+                tracing::warn!(pod = %name, "kube API did not answer the pod create within the start timeout");
+                return Err(InstanceFailure::StartTimeout {
+                    timeout: start_timeout,
+                });
+            }
+        };
         let Some(uid) = created.metadata.uid else {
             return Err(InstanceFailure::Spawn(format!(
                 "the kube API returned pod {name} without a uid"
@@ -116,7 +128,7 @@ impl KubeBackend {
             uid: uid.clone(),
         };
         let mut state = self.watcher.pod(&uid);
-        let ready = tokio::time::timeout(start_timeout, wait_routable(&mut state, &name)).await;
+        let ready = tokio::time::timeout_at(deadline, wait_routable(&mut state, &name)).await;
 
         match ready {
             Ok(Ok(instance)) => {
@@ -198,6 +210,42 @@ pub async fn connect(
     };
     kube::Client::try_from(config)
         .map_err(|error| PlatformError::Internal(format!("cannot build the kube client: {error}")))
+}
+
+/// Maximum time a drain mark or a delete request may take before fngate gives up on it, so an
+/// unresponsive API server cannot hold up scaling down or shutting down.
+const API_CALL_LIMIT: Duration = Duration::from_secs(5);
+
+/// Returns the owner id of this process's pods, random per process: a restarted control plane
+/// does not route the pods of its previous run, and deletes them.
+fn process_owner() -> &'static str {
+    static OWNER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    OWNER.get_or_init(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Deletes a pod whose create request timed out, retrying while the API server does not
+/// answer, for at most a few minutes.
+async fn delete_abandoned(pods: Api<Pod>, name: String) {
+    let mut delay = Duration::from_secs(1);
+    for _ in 0..8 {
+        let attempt = tokio::time::timeout(
+            API_CALL_LIMIT,
+            pods.delete(&name, &DeleteParams::default().grace_period(0)),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(_)) => {
+                tracing::info!(pod = %name, "deleted a pod whose create had timed out");
+                return;
+            }
+            Ok(Err(kube::Error::Api(status))) if status.code == 404 => return,
+            _ => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+    tracing::warn!(pod = %name, "cannot delete a pod whose create had timed out; it may be left running");
 }
 
 /// First delay between attempts to list the pods left by earlier control planes.
@@ -318,8 +366,9 @@ impl Drop for DeleteOnDrop {
     }
 }
 
-/// Deletes the pod `name` if it still has `uid`. A pod already gone is not an error.
-async fn delete_pod(pods: &Api<Pod>, name: &str, uid: &str, grace: Duration) {
+/// Deletes the pod `name` if it still has `uid`. A pod already gone is not an error. Returns
+/// false when the API server did not accept the delete.
+async fn delete_pod(pods: &Api<Pod>, name: &str, uid: &str, grace: Duration) -> bool {
     let params = DeleteParams {
         grace_period_seconds: Some(u32::try_from(grace.as_secs()).unwrap_or(u32::MAX)),
         preconditions: Some(Preconditions {
@@ -328,10 +377,21 @@ async fn delete_pod(pods: &Api<Pod>, name: &str, uid: &str, grace: Duration) {
         }),
         ..DeleteParams::default()
     };
-    match pods.delete(name, &params).await {
-        Ok(_) => tracing::info!(pod = %name, grace_s = grace.as_secs(), "runtime pod deleted"),
-        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
-        Err(error) => tracing::warn!(pod = %name, error = %error, "cannot delete runtime pod"),
+    match tokio::time::timeout(API_CALL_LIMIT, pods.delete(name, &params)).await {
+        Ok(Ok(_)) => {
+            tracing::info!(pod = %name, grace_s = grace.as_secs(), "runtime pod deleted");
+            true
+        }
+        Ok(Err(kube::Error::Api(status))) if status.code == 404 || status.code == 409 => true,
+        Ok(Err(error)) => {
+            tracing::warn!(pod = %name, error = %error, "cannot delete runtime pod");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(pod = %name, timeout_s = API_CALL_LIMIT.as_secs(),
+                "kube API did not answer the delete of a runtime pod");
+            false
+        }
     }
 }
 
@@ -390,19 +450,26 @@ impl RunningInstance for KubeInstance {
             let patch = serde_json::json!({
                 "metadata": {"annotations": {ANNOTATION_DRAINING: "true"}},
             });
-            if let Err(error) = self
-                .pods
-                .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                tracing::warn!(pod = %self.name, error = %error, "cannot mark runtime pod draining");
+            let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+            let mark = self.pods.patch(&self.name, &params, &patch);
+            match tokio::time::timeout(API_CALL_LIMIT, mark).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(pod = %self.name, error = %error, "cannot mark runtime pod draining")
+                }
+                Err(_) => {
+                    tracing::warn!(pod = %self.name, "kube API did not answer the draining mark")
+                }
             }
         })
     }
 
     fn stop(&self, grace: Duration) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            delete_pod(&self.pods, &self.name, &self.uid, grace).await;
+            if !delete_pod(&self.pods, &self.name, &self.uid, grace).await {
+                // Waiting for the pod to go would only wait for the API server.
+                return;
+            }
             let mut state = self.state.clone();
             let gone = state.wait_for(|s| matches!(s, PodState::Gone));
             if tokio::time::timeout(grace + DELETE_WAIT_MARGIN, gone)
