@@ -189,8 +189,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         runtime_wrapper,
         bind_ip: args.instance_ip,
     });
+    // Node agents fetch code packages from the API; an unspecified bind address names no host
+    // they could reach, so bindings must then set control_plane_url.
+    let api_addr = api_listener.local_addr()?;
+    let api_url = (!api_addr.ip().is_unspecified()).then(|| format!("http://{api_addr}"));
     let platform = Arc::new(Platform::new(
-        PlatformConfig { function_dir },
+        PlatformConfig {
+            function_dir,
+            api_url,
+        },
         Arc::clone(&router),
         Arc::new(backend),
     ));
@@ -205,7 +212,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let api_addr = api_listener.local_addr()?;
     let grace = Duration::from_millis(args.shutdown_grace_ms);
     let proxy_task = tokio::spawn(server::serve_proxy(
         proxy_listener,

@@ -118,13 +118,19 @@ impl Env {
             .unwrap_or_default();
         // Unless the binding names another, the nodes' function directory is the control
         // plane's, so code is there without a node agent.
+        // Installing the system components is tested on its own; elsewhere it is only noise.
+        let install_line = if binding.contains("install") {
+            ""
+        } else {
+            "install = false\n"
+        };
         let function_dir_line = if binding.contains("function_dir") {
             String::new()
         } else {
             format!("function_dir = \"{}\"\n", dir.path().join("data").display())
         };
         let platform = format!(
-            "[[namespace]]\nname = \"default\"\n[namespace.kubernetes]\nkubeconfig = \"{}\"\n{context_line}namespace = \"{namespace}\"\n{function_dir_line}runtime_image = \"{image}\"\n{binding}\n\n{functions}",
+            "[[namespace]]\nname = \"default\"\n[namespace.kubernetes]\nkubeconfig = \"{}\"\n{context_line}namespace = \"{namespace}\"\n{install_line}{function_dir_line}runtime_image = \"{image}\"\n{binding}\n\n{functions}",
             kubeconfig.display(),
         );
         let fngate = tokio::task::block_in_place(|| Fngate::start(dir, &platform));
@@ -1007,4 +1013,142 @@ async fn agent_removes_unused_versions() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(agent.log().contains("removed unused code version"));
+}
+
+/// Image name the simulated node maps to the fngate binary, for the node agent DaemonSet.
+const FNGATE_IMAGE: &str = "fngate/fngate:test";
+
+fn fngate_image() -> Image {
+    let mut image = Image::default()
+        .map("/usr/local/bin/fngate", env!("CARGO_BIN_EXE_fngate"))
+        .env("PATH", &std::env::var("PATH").unwrap_or_default());
+    image.entrypoint = vec!["/usr/local/bin/fngate".to_owned()];
+    image
+}
+
+async fn namespace_status(env: &Env) -> Value {
+    let reply = get(env.fngate.api, "/v1/namespaces/default").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()["status"].clone()
+}
+
+/// Waits until the binding's status has `phase`, failing after [`WAIT_LIMIT`].
+async fn wait_phase(env: &Env, phase: &str) -> Value {
+    let deadline = Instant::now() + WAIT_LIMIT;
+    loop {
+        let status = namespace_status(env).await;
+        if status["phase"] == phase {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "binding stuck at {status}, expected {phase}\n{}",
+            env.fngate.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Binding with `install = true` applies the node agent DaemonSet, reaches Normal once an
+/// agent is ready, and that agent delivers a zip package. A deleted DaemonSet comes back on
+/// the next re-apply, and deleting the namespace removes what the binding created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_installs_agent_repairs_drift_and_unbinds() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "src");
+    let package = dir.path().join("site.zip");
+    zip_function(&code, &package);
+    let node_dir = dir.path().join("node");
+    let kubeconfig = dir.path().join("kubeconfig");
+    let binding = format!(
+        "install = true\nagent_image = \"{FNGATE_IMAGE}\"\nagent_kubeconfig = \"{}\"\nfunction_dir = \"{}\"\nresync_interval_ms = 1000",
+        kubeconfig.display(),
+        node_dir.display()
+    );
+    let functions = format!(
+        "[[function]]\nnamespace = \"default\"\nname = \"site\"\nkind = \"web\"\ncode = {{ zip_file = \"{}\" }}\n",
+        package.display()
+    );
+    let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, fngate_image())];
+    let env = Env::start(Target::Sim { nodes }, dir, &binding, &functions).await;
+
+    wait_phase(&env, "Normal").await;
+    let reply = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}\n{}",
+        reply.text(),
+        env.fngate.stderr()
+    );
+
+    let sim = env.sim();
+    let daemonset = "fngate-agent-fngate-runtime";
+    let installed = sim
+        .get(&Resource::DAEMONSETS, Some("fngate-system"), daemonset)
+        .expect("the agent DaemonSet was not applied");
+    let args = &installed["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(args[0], "agent");
+    assert!(
+        sim.get(&Resource::ROLES, Some(&env.namespace), daemonset)
+            .is_some(),
+        "the agent's Role is missing"
+    );
+
+    sim.delete(
+        &Resource::DAEMONSETS,
+        Some("fngate-system"),
+        daemonset,
+        None,
+    )
+    .unwrap();
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while sim
+        .get(&Resource::DAEMONSETS, Some("fngate-system"), daemonset)
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted DaemonSet never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    for path in [
+        "/v1/namespaces/default/functions/site",
+        "/v1/namespaces/default",
+    ] {
+        let deleted = request(env.fngate.api, Method::DELETE, path, Bytes::new(), &[]).await;
+        assert_eq!(deleted.status, 204, "{path}: {}", deleted.text());
+    }
+    assert!(sim
+        .get(&Resource::DAEMONSETS, Some("fngate-system"), daemonset)
+        .is_none());
+    assert!(sim
+        .get(&Resource::ROLES, Some(&env.namespace), daemonset)
+        .is_none());
+    assert!(sim
+        .get(&Resource::CONFIGMAPS, Some("fngate-system"), daemonset)
+        .is_none());
+}
+
+/// A binding whose placement rules match no node fails with that reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_without_eligible_nodes_fails() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let binding = format!(
+        "install = true\nagent_image = \"{FNGATE_IMAGE}\"\nnode_selector = {{ \"fngate.io/pool\" = \"gpu\" }}"
+    );
+    let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, fngate_image())];
+    let env = Env::start(
+        Target::Sim { nodes },
+        dir,
+        &binding,
+        &web_toml("site", &code, ""),
+    )
+    .await;
+    let status = wait_phase(&env, "Failed").await;
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.contains("no eligible nodes"), "{reason}");
 }

@@ -87,6 +87,17 @@ pub trait InstanceBackend: Send + Sync + 'static {
         &self,
         request: StartRequest,
     ) -> BoxFuture<'_, Result<Box<dyn RunningInstance>, InstanceFailure>>;
+
+    /// Status of the namespace's binding to a cluster; `None` for a backend without one.
+    fn binding_status(&self) -> Option<crate::k8s::install::BindingStatus> {
+        None
+    }
+
+    /// Removes what binding the namespace created outside fngate, such as its system
+    /// components in the cluster. Called when the namespace is deleted.
+    fn unbind(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// A started, ready instance owned by the scaler.

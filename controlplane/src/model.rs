@@ -59,9 +59,23 @@ pub struct KubeBinding {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
     /// How often the pod watcher lists all runtime pods again, as a guard against missed
-    /// watch events.
+    /// watch events. The system components are re-applied at the same interval.
     #[serde(default = "defaults::resync_interval_ms")]
     pub resync_interval_ms: u64,
+    /// Whether fngate applies its system components (the node agent DaemonSet and its RBAC)
+    /// into `fngate-system` of the cluster and reports the binding's status from them.
+    #[serde(default = "defaults::install")]
+    pub install: bool,
+    /// Image of the node agent: the fngate image.
+    #[serde(default = "defaults::agent_image")]
+    pub agent_image: String,
+    /// Kubeconfig on the nodes for the agent; absent means the agent's service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_kubeconfig: Option<PathBuf>,
+    /// URL of the control-plane API as the nodes reach it, where agents fetch code packages;
+    /// absent means the address fngate's API listener is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane_url: Option<String>,
 }
 
 /// Invocation style of a function.
@@ -205,6 +219,12 @@ mod defaults {
     }
     pub fn resync_interval_ms() -> u64 {
         300_000
+    }
+    pub fn install() -> bool {
+        true
+    }
+    pub fn agent_image() -> String {
+        format!("fngate/fngate:{}", env!("CARGO_PKG_VERSION"))
     }
     pub fn memory_mb() -> u32 {
         128

@@ -54,6 +54,9 @@ pub struct InstanceStatus {
 pub struct PlatformConfig {
     /// Directory for unpacked zip packages and instance logs.
     pub function_dir: PathBuf,
+    /// URL of the control-plane API (`http://host:port`), the default address node agents
+    /// fetch code packages from.
+    pub api_url: Option<String>,
 }
 
 struct FunctionEntry {
@@ -179,6 +182,7 @@ impl Platform {
                     binding,
                     Arc::clone(&self.router),
                     self.config.function_dir.clone(),
+                    self.config.api_url.as_deref(),
                 )
                 .await?;
                 tracing::info!(namespace = %spec.name, k8s_namespace = %binding.namespace,
@@ -191,20 +195,32 @@ impl Platform {
     /// Deletes an empty namespace.
     pub async fn delete_namespace(&self, name: &str) -> Result<(), PlatformError> {
         let _change = self.changes.lock().await;
-        let mut namespaces = self.namespaces.lock();
-        let Some(entry) = namespaces.get(name) else {
-            return Err(namespace_not_found(name));
+        let entry = {
+            let mut namespaces = self.namespaces.lock();
+            let Some(entry) = namespaces.get(name) else {
+                return Err(namespace_not_found(name));
+            };
+            if !entry.functions.is_empty() {
+                return Err(PlatformError::Conflict(format!(
+                    "namespace {name:?} still has {} functions; delete them first",
+                    entry.functions.len()
+                )));
+            }
+            namespaces.remove(name)
         };
-        if !entry.functions.is_empty() {
-            return Err(PlatformError::Conflict(format!(
-                "namespace {name:?} still has {} functions; delete them first",
-                entry.functions.len()
-            )));
-        }
-        namespaces.remove(name);
         self.router.remove_namespace(name);
+        if let Some(entry) = entry {
+            entry.backend.unbind().await;
+        }
         tracing::info!(namespace = %name, "namespace deleted");
         Ok(())
+    }
+
+    /// Status of a namespace's binding to a cluster; `None` in default mode or when the
+    /// namespace does not exist.
+    pub fn binding_status(&self, name: &str) -> Option<crate::k8s::install::BindingStatus> {
+        let namespaces = self.namespaces.lock();
+        namespaces.get(name)?.backend.binding_status()
     }
 
     pub fn namespaces(&self) -> Vec<NamespaceSpec> {

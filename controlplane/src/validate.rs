@@ -137,6 +137,23 @@ fn check_binding(binding: &KubeBinding) -> Result<(), PlatformError> {
             ));
         }
     }
+    if binding.agent_image.trim().is_empty() || binding.agent_image.contains(char::is_whitespace) {
+        return Err(PlatformError::invalid(
+            field("agent_image"),
+            format!(
+                "must be an image reference without spaces, got {:?}",
+                binding.agent_image
+            ),
+        ));
+    }
+    if let Some(url) = &binding.control_plane_url {
+        if !url.starts_with("http://") || url.len() <= "http://".len() {
+            return Err(PlatformError::invalid(
+                field("control_plane_url"),
+                format!("must be an http:// URL such as http://fngate.example:8082, got {url:?}"),
+            ));
+        }
+    }
     if binding.resync_interval_ms < RESYNC_INTERVAL_MS_MIN {
         return Err(PlatformError::invalid(
             field("resync_interval_ms"),

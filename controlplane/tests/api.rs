@@ -56,6 +56,7 @@ async fn start_server() -> Server {
     let dir = tempfile::tempdir().unwrap();
     let config = PlatformConfig {
         function_dir: dir.path().join("functions"),
+        api_url: None,
     };
     let platform = Arc::new(Platform::new(
         config,

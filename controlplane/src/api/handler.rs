@@ -118,7 +118,13 @@ fn get_namespace<C: Control>(control: &C, namespace: &str) -> Result<ApiResponse
         .ok_or_else(|| PlatformError::NotFound {
             what: format!("namespace {namespace:?}"),
         })?;
-    Ok(reply::json(StatusCode::OK, &spec))
+    // A bound namespace also reports its binding's status: {"phase": ..., "reason": ...}.
+    let mut body = serde_json::to_value(&spec)
+        .map_err(|e| PlatformError::Internal(format!("cannot serialize namespace: {e}")))?;
+    if let Some(status) = control.binding_status(namespace) {
+        body["status"] = serde_json::json!(status);
+    }
+    Ok(reply::json(StatusCode::OK, &body))
 }
 
 async fn put_namespace<C, B>(

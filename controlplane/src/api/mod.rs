@@ -60,6 +60,8 @@ pub(crate) trait Control: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), PlatformError>> + Send;
     fn functions(&self, namespace: &str) -> Result<Vec<FunctionStatus>, PlatformError>;
     fn function(&self, namespace: &str, name: &str) -> Result<FunctionStatus, PlatformError>;
+    /// Status of a namespace's binding to a cluster, `None` in default mode.
+    fn binding_status(&self, namespace: &str) -> Option<crate::k8s::install::BindingStatus>;
     /// Reads the stored code package with SHA-256 `digest`.
     fn package(
         &self,
@@ -114,6 +116,10 @@ impl Control for Platform {
         digest: &str,
     ) -> impl Future<Output = Result<bytes::Bytes, PlatformError>> + Send {
         Platform::package(self, digest)
+    }
+
+    fn binding_status(&self, namespace: &str) -> Option<crate::k8s::install::BindingStatus> {
+        Platform::binding_status(self, namespace)
     }
 }
 

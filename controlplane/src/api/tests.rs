@@ -76,6 +76,10 @@ impl Control for FakeControl {
             .collect()
     }
 
+    fn binding_status(&self, _namespace: &str) -> Option<crate::k8s::install::BindingStatus> {
+        None
+    }
+
     async fn package(&self, digest: &str) -> Result<Bytes, PlatformError> {
         Err(not_found(format!("package sha256:{digest}")))
     }
@@ -180,7 +184,10 @@ async fn missing_package_is_json_404() {
     let (status, _, body) = call(&FakeControl::default(), Method::GET, &path, "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(
-        body["error"]["message"].as_str().unwrap().contains("sha256:abab"),
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sha256:abab"),
         "{body}"
     );
 }

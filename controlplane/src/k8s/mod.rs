@@ -8,6 +8,7 @@
 //! touched.
 
 pub mod agent;
+pub mod install;
 pub mod pod;
 
 use std::path::PathBuf;
@@ -42,6 +43,19 @@ pub struct KubeBackend {
     host_function_dir: PathBuf,
     /// Value of the owner annotation on this backend's pods.
     owner: String,
+    client: kube::Client,
+    /// The system objects applied for the binding, removed again by `unbind`.
+    system_objects: Vec<serde_json::Value>,
+    status: Arc<parking_lot::Mutex<install::BindingStatus>>,
+    install_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for KubeBackend {
+    fn drop(&mut self) {
+        if let Some(task) = self.install_task.take() {
+            task.abort();
+        }
+    }
 }
 
 impl KubeBackend {
@@ -54,6 +68,7 @@ impl KubeBackend {
         binding: &KubeBinding,
         router: Arc<Router>,
         host_function_dir: PathBuf,
+        api_url: Option<&str>,
     ) -> Result<KubeBackend, PlatformError> {
         let client = client(binding).await?;
         let owner = process_owner().to_owned();
@@ -68,14 +83,44 @@ impl KubeBackend {
             },
             router,
         );
-        let pods: Api<Pod> = Api::namespaced(client, &binding.namespace);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &binding.namespace);
         tokio::spawn(delete_orphans(pods.clone(), owner.clone()));
+
+        let status = Arc::new(parking_lot::Mutex::new(
+            install::BindingStatus::initializing("applying the system components"),
+        ));
+        let mut system_objects = Vec::new();
+        let mut install_task = None;
+        let control_plane_url = binding.control_plane_url.as_deref().or(api_url);
+        match (binding.install, control_plane_url) {
+            (false, _) => *status.lock() = install::BindingStatus::normal(),
+            (true, None) => {
+                *status.lock() = install::BindingStatus::failed(
+                    "set kubernetes.control_plane_url: the node agents need the control-plane API's address",
+                )
+            }
+            (true, Some(url)) => {
+                system_objects = install::system_objects(function_namespace, binding, url);
+                let published = Arc::clone(&status);
+                install_task = Some(tokio::spawn(install::run(
+                    client.clone(),
+                    binding.clone(),
+                    system_objects.clone(),
+                    Duration::from_millis(binding.resync_interval_ms),
+                    move |current| *published.lock() = current,
+                )));
+            }
+        }
         Ok(KubeBackend {
             pods,
             binding: binding.clone(),
             watcher,
             host_function_dir,
             owner,
+            client,
+            system_objects,
+            status,
+            install_task,
         })
     }
 
@@ -166,6 +211,30 @@ impl InstanceBackend for KubeBackend {
         request: StartRequest,
     ) -> BoxFuture<'_, Result<Box<dyn RunningInstance>, InstanceFailure>> {
         Box::pin(self.start_pod(request))
+    }
+
+    fn binding_status(&self) -> Option<install::BindingStatus> {
+        Some(self.status.lock().clone())
+    }
+
+    fn unbind(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(task) = &self.install_task {
+                task.abort();
+            }
+            if self.system_objects.is_empty() {
+                return;
+            }
+            let removal = install::remove(&self.client, &self.system_objects);
+            match tokio::time::timeout(API_CALL_LIMIT * 4, removal).await {
+                Ok(Ok(())) => tracing::info!(k8s_namespace = %self.binding.namespace,
+                    "removed the binding's system components"),
+                Ok(Err(error)) => tracing::warn!(k8s_namespace = %self.binding.namespace,
+                    error = %error, "cannot remove the binding's system components"),
+                Err(_) => tracing::warn!(k8s_namespace = %self.binding.namespace,
+                    "kube API did not answer while removing the binding's system components"),
+            }
+        })
     }
 }
 
