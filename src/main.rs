@@ -239,6 +239,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     });
 
+    if !router.is_synced() {
+        println!(
+            "fngate: note: /readyz answers 503 until the pod watchers of k8s-mode namespaces have listed their pods"
+        );
+    }
     print_banner(proxy_addr, admin_addr, api_addr, &deployed);
     wait_for_signal().await?;
     tracing::info!("shutting down: draining connections, then stopping instances");

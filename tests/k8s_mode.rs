@@ -1152,3 +1152,66 @@ async fn binding_without_eligible_nodes_fails() {
     let reason = status["reason"].as_str().unwrap();
     assert!(reason.contains("no eligible nodes"), "{reason}");
 }
+
+/// Bindings made through the API are checked against the cluster: a k8s namespace that does not
+/// exist and a relative kubeconfig path are rejected with the field named, and a valid binding
+/// reports its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_binding_is_checked_and_reports_status() {
+    let dir = tempdir();
+    let env = Env::start_sim(dir, "", "").await;
+    let put = |namespace: &str, binding: Value| {
+        let body = json!({ "kubernetes": binding }).to_string();
+        let api = env.fngate.api;
+        let path = format!("/v1/namespaces/{namespace}");
+        async move {
+            request(
+                api,
+                Method::PUT,
+                &path,
+                Bytes::from(body),
+                &[("content-type", "application/json")],
+            )
+            .await
+        }
+    };
+    let kubeconfig = env.kubeconfig.display().to_string();
+
+    let missing = put(
+        "other",
+        json!({"kubeconfig": kubeconfig, "context": "kubesim", "namespace": "no-such-ns", "install": false}),
+    )
+    .await;
+    assert_eq!(missing.status, 400, "{}", missing.text());
+    assert!(
+        missing.text().contains("kubernetes.namespace"),
+        "{}",
+        missing.text()
+    );
+    assert!(
+        missing.text().contains("does not exist"),
+        "{}",
+        missing.text()
+    );
+
+    let relative = put(
+        "other",
+        json!({"kubeconfig": "kubeconfig", "namespace": env.namespace, "install": false}),
+    )
+    .await;
+    assert_eq!(relative.status, 400, "{}", relative.text());
+    assert!(
+        relative.text().contains("kubernetes.kubeconfig"),
+        "{}",
+        relative.text()
+    );
+
+    let valid = put(
+        "other",
+        json!({"kubeconfig": kubeconfig, "context": "kubesim", "namespace": env.namespace, "install": false}),
+    )
+    .await;
+    assert_eq!(valid.status, 201, "{}", valid.text());
+    let status = get(env.fngate.api, "/v1/namespaces/other").await.json();
+    assert_eq!(status["status"]["phase"], "Normal", "{status}");
+}

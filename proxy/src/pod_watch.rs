@@ -473,7 +473,7 @@ impl Tracker {
                     self.shared.source.mark_synced();
                 }
                 Err(error) => {
-                    counter!(crate::metrics::KUBE_WATCH_ERRORS, "namespace" => namespace.to_owned())
+                    counter!(crate::metrics::KUBE_WATCH_ERRORS, "k8s_namespace" => namespace.to_owned())
                         .increment(1);
                     tracing::warn!(namespace, error = %error, "runtime pod watch failed; retrying with back-off");
                 }

@@ -202,7 +202,11 @@ pub async fn apply(client: &kube::Client, objects: &[Value]) -> Result<(), Strin
                     describe(object),
                     status.message
                 ),
-                other => format!("cannot apply {}: {other}", describe(object)),
+                other => format!(
+                    "cannot apply {}: {}",
+                    describe(object),
+                    super::describe_error(&other)
+                ),
             });
         }
     }
@@ -221,7 +225,13 @@ pub async fn remove(client: &kube::Client, objects: &[Value]) -> Result<(), Stri
         match api.delete(name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(error) => return Err(format!("cannot delete {}: {error}", describe(object))),
+            Err(error) => {
+                return Err(format!(
+                    "cannot delete {}: {}",
+                    describe(object),
+                    super::describe_error(&error)
+                ))
+            }
         }
     }
     Ok(())

@@ -70,7 +70,17 @@ impl KubeBackend {
         host_function_dir: PathBuf,
         api_url: Option<&str>,
     ) -> Result<KubeBackend, PlatformError> {
+        if let Some(kubeconfig) = binding.kubeconfig.as_deref().filter(|p| p.is_relative()) {
+            return Err(PlatformError::invalid(
+                "kubernetes.kubeconfig",
+                format!(
+                    "must be an absolute path, got {}; relative paths are only resolved in the platform file",
+                    kubeconfig.display()
+                ),
+            ));
+        }
         let client = client(binding).await?;
+        check_namespace_exists(&client, &binding.namespace).await?;
         let owner = process_owner().to_owned();
         let watcher = PodWatcher::spawn(
             client.clone(),
@@ -146,8 +156,9 @@ impl KubeBackend {
             Ok(Ok(created)) => created,
             Ok(Err(error)) => {
                 return Err(InstanceFailure::Spawn(format!(
-                    "cannot create pod {name} in k8s namespace {}: {error}",
-                    self.binding.namespace
+                    "cannot create pod {name} in k8s namespace {}: {}",
+                    self.binding.namespace,
+                    describe_error(&error)
                 )))
             }
             Err(_) => {
@@ -279,6 +290,42 @@ pub async fn connect(
     };
     kube::Client::try_from(config)
         .map_err(|error| PlatformError::Internal(format!("cannot build the kube client: {error}")))
+}
+
+/// Rejects a binding whose k8s namespace the cluster says does not exist. An unreachable or
+/// slow API server is not a reason to reject: the watcher retries, and `/readyz` reports it.
+async fn check_namespace_exists(client: &kube::Client, name: &str) -> Result<(), PlatformError> {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    match tokio::time::timeout(API_CALL_LIMIT, namespaces.get_opt(name)).await {
+        Ok(Ok(None)) => Err(PlatformError::invalid(
+            "kubernetes.namespace",
+            format!("k8s namespace {name:?} does not exist in the cluster; create it first"),
+        )),
+        Ok(Ok(Some(_))) => Ok(()),
+        Ok(Err(error)) => {
+            tracing::warn!(k8s_namespace = name, error = %describe_error(&error),
+                "cannot check that the k8s namespace exists");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(
+                k8s_namespace = name,
+                "kube API did not answer; not checking that the k8s namespace exists"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Describes a kube client error in one line: the API server's status code, reason and message
+/// for API errors, and the error's own text otherwise.
+pub fn describe_error(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => {
+            format!("{} {}: {}", status.code, status.reason, status.message)
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Maximum time a drain mark or a delete request may take before fngate gives up on it, so an
