@@ -1073,14 +1073,10 @@ async fn binding_installs_agent_repairs_drift_and_unbinds() {
     let env = Env::start(Target::Sim { nodes }, dir, &binding, &functions).await;
 
     wait_phase(&env, "Normal").await;
-    let reply = get(env.fngate.proxy, "/web/default/site/").await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}\n{}",
-        reply.text(),
-        env.fngate.stderr()
-    );
+    let cold = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(cold.status, 200, "{}\n{}", cold.text(), env.fngate.stderr());
+    let warm = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(pid_of(&warm), pid_of(&cold), "the warm pod was not reused");
 
     let sim = env.sim();
     let daemonset = "fngate-agent-fngate-runtime";
@@ -1214,4 +1210,81 @@ async fn api_binding_is_checked_and_reports_status() {
     assert_eq!(valid.status, 201, "{}", valid.text());
     let status = get(env.fngate.api, "/v1/namespaces/other").await.json();
     assert_eq!(status["status"]["phase"], "Normal", "{status}");
+}
+
+/// Changing a bound namespace's nodeSelector while its function runs is taken in place: the
+/// running pod keeps serving, and the next pod (after a function update) lands on the node the
+/// new selector picks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_node_selector_change_moves_new_pods() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let nodes = vec![
+        function_node("node-a"),
+        NodeConfig::new("node-b")
+            .label("fngate.io/pool", "other")
+            .image(IMAGE, runtime_image()),
+    ];
+    let selector = "node_selector = { \"fngate.io/pool\" = \"functions\" }";
+    let env = Env::start(
+        Target::Sim { nodes },
+        dir,
+        selector,
+        &web_toml("site", &code, ""),
+    )
+    .await;
+    let first = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let pod = &env.runtime_pods().await[0];
+    assert_eq!(
+        pod.spec.as_ref().unwrap().node_name.as_deref(),
+        Some("node-a")
+    );
+
+    let mut namespace = get(env.fngate.api, "/v1/namespaces/default").await.json();
+    namespace.as_object_mut().unwrap().remove("status");
+    namespace["kubernetes"]["node_selector"] = json!({"fngate.io/pool": "other"});
+    let changed = request(
+        env.fngate.api,
+        Method::PUT,
+        "/v1/namespaces/default",
+        Bytes::from(namespace.to_string()),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+    let warm = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(
+        pid_of(&warm),
+        pid_of(&first),
+        "the running pod was replaced"
+    );
+
+    let update = json!({"kind": "web", "code": {"directory": code.dir}, "env": {"V": "2"}});
+    let updated = request(
+        env.fngate.api,
+        Method::PUT,
+        "/v1/namespaces/default/functions/site",
+        Bytes::from(update.to_string()),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(updated.status, 200, "{}", updated.text());
+    let next = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(next.status, 200, "{}", next.text());
+    let pods = env
+        .wait_pods("one pod on node-b", |pods| {
+            pods.len() == 1 && pods[0].spec.as_ref().unwrap().node_name.as_deref() == Some("node-b")
+        })
+        .await;
+    assert_eq!(
+        pods[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .node_selector
+            .as_ref()
+            .unwrap()["fngate.io/pool"],
+        "other"
+    );
 }

@@ -93,6 +93,13 @@ pub trait InstanceBackend: Send + Sync + 'static {
         None
     }
 
+    /// Takes a changed namespace spec in place, if the backend can: a k8s-mode binding whose
+    /// placement or images changed but not its cluster. New instances follow the change.
+    /// Returns false when the change needs a new backend.
+    fn update_binding(&self, _spec: &crate::model::NamespaceSpec) -> bool {
+        false
+    }
+
     /// Removes what binding the namespace created outside fngate, such as its system
     /// components in the cluster. Called when the namespace is deleted.
     fn unbind(&self) -> BoxFuture<'_, ()> {

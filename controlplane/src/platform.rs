@@ -120,15 +120,19 @@ impl Platform {
             let namespaces = self.namespaces.lock();
             match namespaces.get(&spec.name) {
                 Some(entry) if entry.spec.kubernetes != spec.kubernetes => {
-                    if !entry.functions.is_empty() {
+                    if entry.backend.update_binding(&spec) {
+                        false
+                    } else if !entry.functions.is_empty() {
                         return Err(PlatformError::Conflict(format!(
-                            "namespace {:?} has {} functions; changing its kubernetes binding \
-                             while functions run is not supported yet, delete them first",
+                            "namespace {:?} has {} functions; changing the cluster, k8s namespace, \
+                             function directory or resync interval of its kubernetes binding while \
+                             functions run is not supported yet, delete them first",
                             spec.name,
                             entry.functions.len()
                         )));
+                    } else {
+                        true
                     }
-                    true
                 }
                 Some(_) => false,
                 None => true,

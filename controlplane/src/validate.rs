@@ -875,8 +875,16 @@ tolerations = [{ key = "dedicated", operator = "Equal", value = "fn", effect = "
                 "kubernetes.node_selector.pool",
                 "label value",
             ),
-            (r#"runtime_image = "a b""#, "kubernetes.runtime_image", "spaces"),
-            (r#"resync_interval_ms = 10"#, "kubernetes.resync_interval_ms", "at least"),
+            (
+                r#"runtime_image = "a b""#,
+                "kubernetes.runtime_image",
+                "spaces",
+            ),
+            (
+                r#"resync_interval_ms = 10"#,
+                "kubernetes.resync_interval_ms",
+                "at least",
+            ),
             (r#"context = """#, "kubernetes.context", "empty"),
         ];
         for (binding, field, needle) in cases {

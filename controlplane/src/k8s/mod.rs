@@ -37,25 +37,47 @@ const DELETE_WAIT_MARGIN: Duration = Duration::from_secs(30);
 /// Runs instances as pods of one bound k8s namespace.
 pub struct KubeBackend {
     pods: Api<Pod>,
-    binding: KubeBinding,
     watcher: PodWatcher,
     /// The control plane's function directory, whose layout the nodes' directory mirrors.
     host_function_dir: PathBuf,
     /// Value of the owner annotation on this backend's pods.
     owner: String,
     client: kube::Client,
-    /// The system objects applied for the binding, removed again by `unbind`.
-    system_objects: Vec<serde_json::Value>,
+    function_namespace: String,
+    /// The API listener's URL, the agents' default package source.
+    api_url: Option<String>,
+    /// The binding in effect and what it installed. A change of placement or images replaces
+    /// it in place; new pods follow it.
+    current: parking_lot::Mutex<Installation>,
     status: Arc<parking_lot::Mutex<install::BindingStatus>>,
-    install_task: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl Drop for KubeBackend {
+/// A binding with the system objects applied for it and the task that keeps them applied.
+struct Installation {
+    binding: KubeBinding,
+    /// Removed again by `unbind`.
+    system_objects: Vec<serde_json::Value>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Installation {
     fn drop(&mut self) {
-        if let Some(task) = self.install_task.take() {
+        if let Some(task) = self.task.take() {
             task.abort();
         }
     }
+}
+
+/// Returns whether two bindings differ only in what applies to new pods and to the system
+/// components (placement, images, installation), so a backend can take the change in place.
+/// The cluster, the k8s namespace, the function directory and the watcher's resync interval
+/// need a new backend.
+fn same_connection(old: &KubeBinding, new: &KubeBinding) -> bool {
+    old.kubeconfig == new.kubeconfig
+        && old.context == new.context
+        && old.namespace == new.namespace
+        && old.function_dir == new.function_dir
+        && old.resync_interval_ms == new.resync_interval_ms
 }
 
 impl KubeBackend {
@@ -99,39 +121,57 @@ impl KubeBackend {
         let status = Arc::new(parking_lot::Mutex::new(
             install::BindingStatus::initializing("applying the system components"),
         ));
-        let mut system_objects = Vec::new();
-        let mut install_task = None;
-        let control_plane_url = binding.control_plane_url.as_deref().or(api_url);
-        match (binding.install, control_plane_url) {
-            (false, _) => *status.lock() = install::BindingStatus::normal(),
-            (true, None) => {
-                *status.lock() = install::BindingStatus::failed(
-                    "set kubernetes.control_plane_url: the node agents need the control-plane API's address",
-                )
-            }
-            (true, Some(url)) => {
-                system_objects = install::system_objects(function_namespace, binding, url);
-                let published = Arc::clone(&status);
-                install_task = Some(tokio::spawn(install::run(
-                    client.clone(),
-                    binding.clone(),
-                    system_objects.clone(),
-                    Duration::from_millis(binding.resync_interval_ms),
-                    move |current| *published.lock() = current,
-                )));
-            }
-        }
-        Ok(KubeBackend {
+        let backend = KubeBackend {
             pods,
-            binding: binding.clone(),
             watcher,
             host_function_dir,
             owner,
             client,
-            system_objects,
+            function_namespace: function_namespace.to_owned(),
+            api_url: api_url.map(str::to_owned),
+            current: parking_lot::Mutex::new(Installation {
+                binding: binding.clone(),
+                system_objects: Vec::new(),
+                task: None,
+            }),
             status,
-            install_task,
-        })
+        };
+        *backend.current.lock() = backend.install(binding);
+        Ok(backend)
+    }
+
+    /// Starts keeping the binding's system components applied, when it asks for them.
+    fn install(&self, binding: &KubeBinding) -> Installation {
+        let mut installation = Installation {
+            binding: binding.clone(),
+            system_objects: Vec::new(),
+            task: None,
+        };
+        let control_plane_url = binding
+            .control_plane_url
+            .as_deref()
+            .or(self.api_url.as_deref());
+        let status = match (binding.install, control_plane_url) {
+            (false, _) => install::BindingStatus::normal(),
+            (true, None) => install::BindingStatus::failed(
+                "set kubernetes.control_plane_url: the node agents need the control-plane API's address",
+            ),
+            (true, Some(url)) => {
+                let objects = install::system_objects(&self.function_namespace, binding, url);
+                let published = Arc::clone(&self.status);
+                installation.task = Some(tokio::spawn(install::run(
+                    self.client.clone(),
+                    binding.clone(),
+                    objects.clone(),
+                    Duration::from_millis(binding.resync_interval_ms),
+                    move |current| *published.lock() = current,
+                )));
+                installation.system_objects = objects;
+                install::BindingStatus::initializing("applying the system components")
+            }
+        };
+        *self.status.lock() = status;
+        installation
     }
 
     async fn start_pod(
@@ -141,9 +181,9 @@ impl KubeBackend {
         let started = Instant::now();
         let start_timeout = request.function.start_timeout();
         let deadline = started + start_timeout;
-        let code_dir =
-            pod::node_code_dir(&request.code_dir, &self.host_function_dir, &self.binding);
-        let mut pod = pod::runtime_pod(&self.binding, &request, &code_dir);
+        let binding = self.current.lock().binding.clone();
+        let code_dir = pod::node_code_dir(&request.code_dir, &self.host_function_dir, &binding);
+        let mut pod = pod::runtime_pod(&binding, &request, &code_dir);
         pod.metadata
             .annotations
             .get_or_insert_with(Default::default)
@@ -157,7 +197,7 @@ impl KubeBackend {
             Ok(Err(error)) => {
                 return Err(InstanceFailure::Spawn(format!(
                     "cannot create pod {name} in k8s namespace {}: {}",
-                    self.binding.namespace,
+                    binding.namespace,
                     describe_error(&error)
                 )))
             }
@@ -176,7 +216,7 @@ impl KubeBackend {
                 "the kube API returned pod {name} without a uid"
             )));
         };
-        tracing::info!(pod = %name, namespace = %self.binding.namespace, "runtime pod created");
+        tracing::info!(pod = %name, namespace = %binding.namespace, "runtime pod created");
 
         let mut guard = DeleteOnDrop {
             pods: Some(self.pods.clone()),
@@ -228,21 +268,43 @@ impl InstanceBackend for KubeBackend {
         Some(self.status.lock().clone())
     }
 
+    fn update_binding(&self, spec: &crate::model::NamespaceSpec) -> bool {
+        let Some(new) = &spec.kubernetes else {
+            return false;
+        };
+        if !same_connection(&self.current.lock().binding, new) {
+            return false;
+        }
+        let installation = self.install(new);
+        // Dropping the previous installation stops its task; the new one applies the same
+        // object names, so nothing is removed.
+        *self.current.lock() = installation;
+        tracing::info!(k8s_namespace = %new.namespace, "binding changed; new pods follow it");
+        true
+    }
+
     fn unbind(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if let Some(task) = &self.install_task {
-                task.abort();
-            }
-            if self.system_objects.is_empty() {
+            let (objects, namespace) = {
+                let mut current = self.current.lock();
+                if let Some(task) = current.task.take() {
+                    task.abort();
+                }
+                (
+                    std::mem::take(&mut current.system_objects),
+                    current.binding.namespace.clone(),
+                )
+            };
+            if objects.is_empty() {
                 return;
             }
-            let removal = install::remove(&self.client, &self.system_objects);
+            let removal = install::remove(&self.client, &objects);
             match tokio::time::timeout(API_CALL_LIMIT * 4, removal).await {
-                Ok(Ok(())) => tracing::info!(k8s_namespace = %self.binding.namespace,
+                Ok(Ok(())) => tracing::info!(k8s_namespace = %namespace,
                     "removed the binding's system components"),
-                Ok(Err(error)) => tracing::warn!(k8s_namespace = %self.binding.namespace,
+                Ok(Err(error)) => tracing::warn!(k8s_namespace = %namespace,
                     error = %error, "cannot remove the binding's system components"),
-                Err(_) => tracing::warn!(k8s_namespace = %self.binding.namespace,
+                Err(_) => tracing::warn!(k8s_namespace = %namespace,
                     "kube API did not answer while removing the binding's system components"),
             }
         })
