@@ -12,6 +12,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use fngate_controlplane::config;
 use fngate_controlplane::k8s;
+
+mod namespaces;
 use fngate_controlplane::local::{LocalBackend, LocalBackendConfig};
 use fngate_controlplane::model::{FunctionKind, NamespaceSpec};
 use fngate_controlplane::platform::{Platform, PlatformConfig};
@@ -46,6 +48,8 @@ enum Command {
     /// Run the node agent of k8s mode: fetch the code packages that runtime pods on this node
     /// need into the node's function directory, and remove versions no pod uses any more.
     Agent(AgentArgs),
+    /// List the namespaces of a running fngate, with each k8s-mode binding's status.
+    Namespaces(NamespacesArgs),
     /// Write the Kubernetes manifests fngate would create for a platform file's k8s-mode
     /// functions (one runtime pod each), without contacting any cluster.
     Manifests(ManifestsArgs),
@@ -77,6 +81,13 @@ struct AgentArgs {
     /// Log filter, in tracing's env-filter syntax.
     #[arg(long, env = "FNGATE_LOG", default_value = "info")]
     log: String,
+}
+
+#[derive(Args)]
+struct NamespacesArgs {
+    /// URL of the control-plane API.
+    #[arg(long, env = "FNGATE_API", default_value = "http://127.0.0.1:8082")]
+    api: String,
 }
 
 #[derive(Args)]
@@ -129,6 +140,11 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_serve(args),
         Command::Manifests(args) => write_manifests(&args),
         Command::Agent(args) => run_agent(args),
+        Command::Namespaces(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("failed to start the tokio runtime")
+            .and_then(|runtime| runtime.block_on(namespaces::list(&args.api))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1210,6 +1210,33 @@ async fn api_binding_is_checked_and_reports_status() {
     assert_eq!(valid.status, 201, "{}", valid.text());
     let status = get(env.fngate.api, "/v1/namespaces/other").await.json();
     assert_eq!(status["status"]["phase"], "Normal", "{status}");
+
+    // The CLI shows the same.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fngate"))
+        .arg("namespaces")
+        .arg("--api")
+        .arg(format!("http://{}", env.fngate.api))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        ["NAMESPACE", "MODE", "K8S", "NAMESPACE", "PHASE", "REASON"]
+    );
+    assert!(
+        rows.contains(&vec!["other", "k8s", env.namespace.as_str(), "Normal"]),
+        "{stdout}"
+    );
 }
 
 /// Changing a bound namespace's nodeSelector while its function runs is taken in place: the
