@@ -1315,3 +1315,40 @@ async fn binding_node_selector_change_moves_new_pods() {
         "other"
     );
 }
+
+/// A pod deleted by someone else while it starts (an eviction, say) is replaced at once, and the
+/// request that waited for it is served by the replacement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_deleted_while_starting_is_replaced() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "slow");
+    // Starts slowly, so the pod can be deleted before it is ready.
+    write_executable(
+        &code.dir.join("scf_bootstrap"),
+        "#!/bin/bash\nsleep 1\nexec python3 app.py\n",
+    );
+    let env = Env::start_sim(dir, "", &web_toml("slow", &code, "")).await;
+    let proxy = env.fngate.proxy;
+    let call = tokio::spawn(async move { get(proxy, "/web/default/slow/").await });
+
+    let first = env.wait_pods("created", |pods| pods.len() == 1).await;
+    let evicted = name_of(&first[0]);
+    env.sim()
+        .delete(&Resource::PODS, Some(&env.namespace), &evicted, None)
+        .unwrap();
+
+    let reply = call.await.unwrap();
+    assert_eq!(
+        reply.status,
+        200,
+        "{}\n{}",
+        reply.text(),
+        env.fngate.stderr()
+    );
+    let pods = env.runtime_pods().await;
+    assert!(
+        pods.iter().any(|p| name_of(p) != evicted),
+        "no replacement: {:?}",
+        pods.iter().map(summary).collect::<Vec<_>>()
+    );
+}

@@ -60,6 +60,11 @@ pub enum InstanceFailure {
     /// error, no free port).
     #[error("{0}")]
     Spawn(String),
+    /// Something outside fngate removed the instance while it started, such as a pod deleted
+    /// or evicted during a node drain. Not a fault of the function: the scaler starts a
+    /// replacement without backing off.
+    #[error("{0}")]
+    Preempted(String),
 }
 
 /// Formats the output tail for `Display` on one line, its lines joined with " | " and blank

@@ -408,6 +408,12 @@ impl Scaler {
         self.starting.remove(&id);
         self.parts.quota.release(memory_mb);
         let key = &self.parts.function.key;
+        if let InstanceFailure::Preempted(reason) = &failure {
+            // The next reconcile starts a replacement at once; waiting requests keep waiting.
+            tracing::info!(function = %key, instance = id, reason = %reason,
+                "instance removed while starting; starting a replacement");
+            return;
+        }
         counter!("fngate_instance_starts_total", "namespace" => key.namespace.clone(), "function" => key.name.clone(), "result" => "failed").increment(1);
         self.failures = self.failures.saturating_add(1);
         let delay = backoff(self.failures);

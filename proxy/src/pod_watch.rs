@@ -131,6 +131,8 @@ pub enum PodState {
     },
     /// Will not run or has ended: unschedulable, image not pullable, runtime exited.
     Failed(PodFailure),
+    /// Being deleted (by someone else, or evicted) before it ever took requests.
+    Deleting,
     /// Deleted from the API, or missing from a relist.
     Gone,
 }
@@ -627,7 +629,9 @@ impl Tracker {
             }
         }
 
-        let state = if let Some(failure) = &view.failure {
+        let state = if view.deleting && tracked.instance.is_none() {
+            PodState::Deleting
+        } else if let Some(failure) = &view.failure {
             if let Some(instance) = &tracked.instance {
                 if instance.state() == InstanceState::Ready {
                     instance.set_state(InstanceState::Failed);

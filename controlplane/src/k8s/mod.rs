@@ -488,8 +488,8 @@ async fn wait_routable(
         match current {
             PodState::Routable { instance } => return Ok(instance),
             PodState::Failed(failure) => return Err(start_failure(name, &failure)),
-            PodState::Gone | PodState::Unroutable { deleting: true, .. } => {
-                return Err(InstanceFailure::Spawn(format!(
+            PodState::Gone | PodState::Deleting | PodState::Unroutable { deleting: true, .. } => {
+                return Err(InstanceFailure::Preempted(format!(
                     "pod {name} was deleted before it became ready"
                 )))
             }
