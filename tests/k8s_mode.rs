@@ -1352,3 +1352,31 @@ async fn pod_deleted_while_starting_is_replaced() {
         pods.iter().map(summary).collect::<Vec<_>>()
     );
 }
+
+/// A directory code source missing on the node keeps the pod ContainerCreating, as the kubelet
+/// does; the start times out with the kubelet's mount message in the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_code_directory_reports_the_mount_failure() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start_sim(
+        dir,
+        "",
+        &web_toml(
+            "site",
+            &code,
+            "start_timeout_ms = 1000\nqueue_budget_ms = 20000",
+        ),
+    )
+    .await;
+    std::fs::remove_dir_all(&code.dir).unwrap();
+
+    let reply = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("within 1000ms"), "{message}");
+    assert!(message.contains("MountVolume.SetUp failed"), "{message}");
+}

@@ -287,6 +287,22 @@ fn build_env(context: &ContainerContext, image: &Image) -> Result<Vec<(String, S
     Ok(env)
 }
 
+/// Returns why a hostPath volume of type `Directory` cannot be mounted yet: its path is missing
+/// or not a directory, which the kubelet checks before it starts the container.
+fn mount_problem(context: &ContainerContext) -> Option<String> {
+    let volumes = context.pod.pointer("/spec/volumes")?.as_array()?;
+    volumes.iter().find_map(|volume| {
+        let kind = volume.pointer("/hostPath/type").and_then(Value::as_str)?;
+        let path = volume.pointer("/hostPath/path").and_then(Value::as_str)?;
+        (kind == "Directory" && !std::path::Path::new(path).is_dir()).then(|| {
+            format!(
+                "MountVolume.SetUp failed for volume \"{}\" : hostPath type check failed: {path} is not a directory",
+                text(volume, "/name")
+            )
+        })
+    })
+}
+
 /// Checks the container's volume mounts: only hostPath volumes mounted at their own host
 /// path work, because kubesim has no mount namespaces.
 fn check_volumes(context: &ContainerContext) -> Result<(), String> {
@@ -516,6 +532,25 @@ pub async fn run(context: ContainerContext, mut deletion: watch::Receiver<Deleti
         }
         return;
     };
+    // The kubelet retries a failing hostPath mount and keeps the container ContainerCreating
+    // (with a FailedMount event) until the path is there.
+    let mut reported = false;
+    while let Some(problem) = mount_problem(&context) {
+        if !reported {
+            set_entry(waiting_status(
+                &spec,
+                "ContainerCreating",
+                Some(&problem),
+                0,
+                None,
+            ));
+            reported = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = wait_for_deletion(&mut deletion) => return,
+        }
+    }
     let launch = match prepare(&context, &image) {
         Ok(launch) => launch,
         Err(message) => {

@@ -66,6 +66,8 @@
 //!   (they count as failing), no service account token volume, no service environment
 //!   variables, no resource limits enforcement, no OOMKilled. Only hostPath volumes mounted at
 //!   their own host path work, and anything else fails with CreateContainerConfigError.
+//!   `DirectoryOrCreate` paths are created; a missing `Directory` path keeps the container
+//!   ContainerCreating until it exists; other hostPath types are not checked.
 //!   Container images are names looked up in the node's [`NodeConfig::images`]. A container's
 //!   log file holds its current run only. The crash back-off is never reset.
 //! - Pod IPs are loopback addresses, so every pod shares the host's network namespace and

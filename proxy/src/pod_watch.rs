@@ -190,10 +190,17 @@ impl PodView {
             && containers
                 .iter()
                 .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
+        // The reason, with the kubelet's message when it gave one.
         let waiting = containers
             .iter()
-            .filter_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone())
-            .next();
+            .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+            .find_map(|w| {
+                let reason = w.reason.clone()?;
+                Some(match w.message.as_deref().filter(|m| !m.is_empty()) {
+                    Some(message) => format!("{reason}: {message}"),
+                    None => reason,
+                })
+            });
 
         let failure = failure_of(pod, phase, containers, condition("PodScheduled"));
         Some(PodView {

@@ -243,14 +243,16 @@ impl KubeBackend {
                 let waiting = match &*state.borrow() {
                     PodState::Starting {
                         waiting: Some(reason),
-                    } => format!(" (pod {name} was {reason})"),
-                    PodState::Unknown => format!(" (pod {name} never appeared in the watch)"),
+                    } => format!("; it was waiting: {reason}"),
+                    PodState::Unknown => "; it never appeared in the pod watch".to_owned(),
                     _ => String::new(),
                 };
                 tracing::warn!(pod = %name, "runtime pod not ready within the start timeout{waiting}");
-                Err(InstanceFailure::StartTimeout {
-                    timeout: start_timeout,
-                })
+                // The pod's own reason tells the operator more than the bare timeout.
+                Err(InstanceFailure::Spawn(format!(
+                    "pod {name} did not become ready within {}ms{waiting}",
+                    start_timeout.as_millis()
+                )))
             }
         }
     }
