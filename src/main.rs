@@ -75,6 +75,9 @@ struct AgentArgs {
     /// Context in the kubeconfig; absent means its current context.
     #[arg(long, env = "FNGATE_KUBE_CONTEXT")]
     context: Option<String>,
+    /// Address of the status listener (`/healthz`, `/versions`); absent serves nothing.
+    #[arg(long, env = "FNGATE_AGENT_LISTEN")]
+    listen: Option<SocketAddr>,
     /// How long a code version no pod on this node uses is kept, in ms.
     #[arg(long, env = "FNGATE_RETAIN_UNUSED_MS", default_value_t = 3_600_000)]
     retain_unused_ms: u64,
@@ -330,6 +333,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             control_plane: args.control_plane,
             retain_unused: Duration::from_millis(args.retain_unused_ms),
             gc_interval: Duration::from_millis(args.retain_unused_ms.clamp(1_000, 60_000)),
+            listen: args.listen,
         };
         tokio::select! {
             () = k8s::agent::run(client, config) => {}

@@ -1078,6 +1078,17 @@ async fn binding_installs_agent_repairs_drift_and_unbinds() {
     let warm = get(env.fngate.proxy, "/web/default/site/").await;
     assert_eq!(pid_of(&warm), pid_of(&cold), "the warm pod was not reused");
 
+    // The agent reports the version it delivered.
+    let agents = env.sim().list(&Resource::PODS, Some("fngate-system"));
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    let agent_ip = agents[0]["status"]["podIP"].as_str().unwrap().to_owned();
+    let agent: std::net::SocketAddr = format!("{agent_ip}:9310").parse().unwrap();
+    let versions = get(agent, "/versions").await.json();
+    let pod = &env.runtime_pods().await[0];
+    let version = &pod.metadata.annotations.as_ref().unwrap()["fngate.io/code-version"];
+    assert_eq!(versions["versions"], json!([version]), "{versions}");
+    assert_eq!(get(agent, "/healthz").await.status, 200);
+
     let sim = env.sim();
     let daemonset = "fngate-agent-fngate-runtime";
     let installed = sim

@@ -11,6 +11,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -50,6 +52,10 @@ pub struct AgentConfig {
     pub retain_unused: Duration,
     /// How often unused versions are looked for.
     pub gc_interval: Duration,
+    /// Address of the status listener: `GET /healthz` (200 once the first list of pods is
+    /// done, for the DaemonSet's readiness probe) and `GET /versions` (the code versions on
+    /// this node). `None` serves nothing.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// One code version a pod needs.
@@ -77,6 +83,18 @@ pub async fn run(client: kube::Client, config: AgentConfig) {
     let mut fetching: HashSet<Version> = HashSet::new();
     let mut retry_at: HashMap<Version, (Instant, u32)> = HashMap::new();
     let mut last_used: HashMap<PathBuf, Instant> = HashMap::new();
+    let synced = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = config.listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(addr = %addr, "node agent status listener bound");
+                tokio::spawn(serve_status(listener, config.clone(), Arc::clone(&synced)));
+            }
+            Err(error) => {
+                tracing::error!(addr = %addr, error = %error, "cannot bind the node agent status listener")
+            }
+        }
+    }
     let mut gc = tokio::time::interval(config.gc_interval);
     let mut retry = tokio::time::interval(RETRY_BASE);
     tracing::info!(node = %config.node, namespace = %config.namespace,
@@ -111,6 +129,7 @@ pub async fn run(client: kube::Client, config: AgentConfig) {
                             if let Some(listed) = relist.take() {
                                 needed.retain(|uid, _| listed.contains(uid));
                             }
+                            synced.store(true, Ordering::SeqCst);
                         }
                         Err(error) => tracing::warn!(error = %error,
                             "runtime pod watch failed; retrying with back-off"),
@@ -159,6 +178,73 @@ pub async fn run(client: kube::Client, config: AgentConfig) {
             });
         }
     }
+}
+
+/// Serves `/healthz` and `/versions` until the process ends.
+async fn serve_status(
+    listener: tokio::net::TcpListener,
+    config: AgentConfig,
+    synced: Arc<AtomicBool>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(error = %error, "status listener accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (config, synced) = (config.clone(), Arc::clone(&synced));
+        let service =
+            hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let (config, synced) = (config.clone(), Arc::clone(&synced));
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        status_response(&config, &synced, request.uri().path()).await,
+                    )
+                }
+            });
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+async fn status_response(
+    config: &AgentConfig,
+    synced: &AtomicBool,
+    path: &str,
+) -> http::Response<http_body_util::Full<Bytes>> {
+    let (status, body) = match path {
+        "/healthz" if synced.load(Ordering::SeqCst) => (http::StatusCode::OK, "ok\n".to_owned()),
+        "/healthz" => (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "runtime pods not listed yet\n".to_owned(),
+        ),
+        "/versions" => {
+            let function_dir = config.function_dir.clone();
+            let found = tokio::task::spawn_blocking(move || version_dirs(&function_dir))
+                .await
+                .unwrap_or_default();
+            let versions: Vec<String> = found
+                .iter()
+                .map(|path| path.to_string_lossy().into_owned())
+                .collect();
+            let body = serde_json::json!({"node": config.node, "versions": versions});
+            (http::StatusCode::OK, format!("{body}\n"))
+        }
+        _ => (
+            http::StatusCode::NOT_FOUND,
+            "not found; try /healthz or /versions\n".to_owned(),
+        ),
+    };
+    let mut response = http::Response::new(http_body_util::Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
 }
 
 /// Reads a pod's code version; `None` for a pod without one (a directory code source).

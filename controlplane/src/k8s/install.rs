@@ -22,6 +22,8 @@ use crate::model::KubeBinding;
 
 /// The namespace of fngate's own components in a bound cluster.
 pub const SYSTEM_NAMESPACE: &str = "fngate-system";
+/// Port of the node agent's status listener (`/healthz`, `/versions`) on its pod IP.
+pub const AGENT_STATUS_PORT: u16 = 9310;
 /// Field manager of fngate's server-side applies.
 const FIELD_MANAGER: &str = "fngate";
 /// Container waiting reasons of an agent pod that mean its image cannot be pulled.
@@ -87,6 +89,7 @@ pub fn system_objects(
     let function_dir = binding.function_dir.to_string_lossy();
     let mut args = vec![
         "agent".to_owned(),
+        format!("--listen=$(POD_IP):{AGENT_STATUS_PORT}"),
         format!("--namespace={}", binding.namespace),
         format!("--control-plane={control_plane_url}"),
         format!("--function-dir={function_dir}"),
@@ -100,7 +103,16 @@ pub fn system_objects(
             "name": "agent",
             "image": binding.agent_image,
             "args": args,
-            "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+            "env": [
+                {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            ],
+            "ports": [{"name": "status", "containerPort": AGENT_STATUS_PORT, "protocol": "TCP"}],
+            // Ready once the agent listed its node's runtime pods.
+            "readinessProbe": {
+                "httpGet": {"path": "/healthz", "port": AGENT_STATUS_PORT},
+                "periodSeconds": 2,
+            },
             "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
             "securityContext": {
                 "allowPrivilegeEscalation": false,
