@@ -2,301 +2,20 @@
 //! server that stops responding, and the diagnostics an operator reads. Each test covers a
 //! defect found by running fngate against kubesim as an operator would.
 //!
-//! The harness follows tests/k8s_mode.rs. Some tests put [`Relay`] between fngate and the API
+//! The harness is tests/common/k8s.rs. Some tests put its `Relay` between fngate and the API
 //! server, so that the API server can stop responding without closing connections, as an
 //! overloaded or partitioned API server does.
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::k8s::*;
 use common::*;
-use fngate_kubesim::{Cluster, ClusterConfig, Image, NodeConfig};
 use hyper::Method;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{ListParams, PostParams};
-use kube::Api;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-
-/// Image name the simulated node maps to the fngate-runtime binary.
-const IMAGE: &str = "fngate/runtime:test";
-const RUNTIME_NAMESPACE: &str = "fngate-runtime";
-const SELECTOR: &str = "app.kubernetes.io/managed-by=fngate";
-
-/// A kubesim cluster with the runtime namespace, and fngate bound to it.
-struct Env {
-    // Declared first so it stops (and deletes its pods) while the cluster still runs.
-    fngate: Fngate,
-    pods: Api<Pod>,
-    sim: Cluster,
-    /// Relay between fngate and the API server, when the test asked for one.
-    relay: Option<Relay>,
-    /// Kubeconfig that fngate uses: through the relay when there is one.
-    kubeconfig: PathBuf,
-}
-
-impl Env {
-    /// Starts kubesim with one node, creates the runtime namespace and starts fngate with
-    /// `functions` in namespace `default`, bound to the cluster. `binding` adds lines to the
-    /// `[namespace.kubernetes]` table. With `relay`, fngate reaches the API server through a
-    /// [`Relay`].
-    async fn start(dir: tempfile::TempDir, binding: &str, functions: &str, relay: bool) -> Env {
-        let mut config = ClusterConfig::new(dir.path().join("kubesim-logs"));
-        config.nodes = vec![NodeConfig::new("node-1").image(IMAGE, runtime_image())];
-        let sim = Cluster::start(config)
-            .await
-            .expect("kubesim failed to start");
-
-        let direct = dir.path().join("kubeconfig-direct");
-        sim.write_kubeconfig(&direct, "kubesim").unwrap();
-        let client = client(&direct).await;
-        ensure_namespace(&client, RUNTIME_NAMESPACE).await;
-
-        let kubeconfig = dir.path().join("kubeconfig");
-        let relay = if relay {
-            let upstream: SocketAddr = sim
-                .url()
-                .strip_prefix("http://")
-                .expect("kubesim serves plain HTTP")
-                .parse()
-                .unwrap();
-            let relay = Relay::start(upstream).await;
-            let text = std::fs::read_to_string(&direct).unwrap();
-            let text = text.replace(sim.url(), &format!("http://{}", relay.addr));
-            std::fs::write(&kubeconfig, text).unwrap();
-            Some(relay)
-        } else {
-            std::fs::copy(&direct, &kubeconfig).unwrap();
-            None
-        };
-
-        let platform = format!(
-            "[[namespace]]\nname = \"default\"\n[namespace.kubernetes]\nkubeconfig = \"{}\"\ncontext = \"kubesim\"\nnamespace = \"{RUNTIME_NAMESPACE}\"\nfunction_dir = \"{}\"\nruntime_image = \"{IMAGE}\"\n{binding}\n\n{functions}",
-            kubeconfig.display(),
-            dir.path().join("data").display(),
-        );
-        let fngate = tokio::task::block_in_place(|| Fngate::start(dir, &platform));
-        let env = Env {
-            fngate,
-            pods: Api::namespaced(client, RUNTIME_NAMESPACE),
-            sim,
-            relay,
-            kubeconfig,
-        };
-        env.wait_synced().await;
-        env
-    }
-
-    fn relay(&self) -> &Relay {
-        self.relay.as_ref().expect("this test needs the relay")
-    }
-
-    /// Waits until `/readyz` reports the pod watcher's first list done.
-    async fn wait_synced(&self) {
-        let deadline = Instant::now() + WAIT_LIMIT;
-        loop {
-            let reply = get(self.fngate.admin, "/readyz").await;
-            if reply.status == 200 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "fngate never became ready: {}\n{}",
-                reply.text(),
-                self.fngate.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn runtime_pods(&self) -> Vec<Pod> {
-        self.pods
-            .list(&ListParams::default().labels(SELECTOR))
-            .await
-            .expect("list runtime pods")
-            .items
-    }
-
-    /// Waits until `condition` holds for the runtime pods, failing after [`WAIT_LIMIT`].
-    async fn wait_pods(&self, what: &str, condition: impl Fn(&[Pod]) -> bool) -> Vec<Pod> {
-        let deadline = Instant::now() + WAIT_LIMIT;
-        loop {
-            let pods = self.runtime_pods().await;
-            if condition(&pods) {
-                return pods;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "runtime pods never became {what}: {:?}\n{}",
-                pods.iter().map(summary).collect::<Vec<_>>(),
-                self.fngate.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Returns the only runtime pod, failing when there is not exactly one.
-    async fn only_pod(&self) -> Pod {
-        let pods = self.runtime_pods().await;
-        assert_eq!(
-            pods.len(),
-            1,
-            "{:?}",
-            pods.iter().map(summary).collect::<Vec<_>>()
-        );
-        pods.into_iter().next().unwrap()
-    }
-}
-
-fn runtime_image() -> Image {
-    Image::default()
-        .map(
-            "/usr/local/bin/fngate-runtime",
-            env!("CARGO_BIN_EXE_fngate-runtime"),
-        )
-        .env("PATH", &std::env::var("PATH").unwrap_or_default())
-        .env("HOME", "/tmp")
-}
-
-async fn client(kubeconfig: &Path) -> kube::Client {
-    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .unwrap();
-    kube::Client::try_from(config).unwrap()
-}
-
-async fn ensure_namespace(client: &kube::Client, name: &str) {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    if namespaces.get_opt(name).await.unwrap().is_some() {
-        return;
-    }
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .unwrap();
-}
-
-fn summary(pod: &Pod) -> String {
-    let status = pod.status.as_ref();
-    format!(
-        "{} phase={:?} ip={:?} deleting={}",
-        pod.metadata.name.as_deref().unwrap_or_default(),
-        status.and_then(|s| s.phase.clone()),
-        status.and_then(|s| s.pod_ip.clone()),
-        pod.metadata.deletion_timestamp.is_some()
-    )
-}
-
-fn name_of(pod: &Pod) -> String {
-    pod.metadata.name.clone().unwrap_or_default()
-}
-
-fn web_toml(name: &str, code: &Code, extra: &str) -> String {
-    format!(
-        "[[function]]\nnamespace = \"default\"\nname = \"{name}\"\nkind = \"web\"\ncode = {{ directory = \"{}\" }}\n{extra}\n",
-        code.dir.display()
-    )
-}
-
-fn pid_of(reply: &Reply) -> i64 {
-    reply.json()["pid"]
-        .as_i64()
-        .unwrap_or_else(|| panic!("no pid in {}", reply.text()))
-}
-
-/// LIST requests (not watches) of the runtime pods the API server received.
-fn pod_lists(sim: &Cluster) -> usize {
-    let path = format!("/api/v1/namespaces/{RUNTIME_NAMESPACE}/pods");
-    sim.requests()
-        .iter()
-        .filter(|r| r.method == "GET" && !r.watch && r.path == path)
-        .count()
-}
-
-/// DELETE requests for the pod `name` the API server received.
-fn pod_deletes(sim: &Cluster, name: &str) -> usize {
-    let path = format!("/api/v1/namespaces/{RUNTIME_NAMESPACE}/pods/{name}");
-    sim.requests()
-        .iter()
-        .filter(|r| r.method == "DELETE" && r.path == path)
-        .count()
-}
-
-/// A TCP relay to the API server that can stop passing bytes in both directions while keeping
-/// every connection open, so that requests neither fail nor complete.
-struct Relay {
-    addr: SocketAddr,
-    frozen: watch::Sender<bool>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(upstream: SocketAddr) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (frozen, gate) = watch::channel(false);
-        let accept = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let gate = gate.clone();
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    let (client_read, client_write) = client.into_split();
-                    let (server_read, server_write) = server.into_split();
-                    tokio::join!(
-                        pump(client_read, server_write, gate.clone()),
-                        pump(server_read, client_write, gate),
-                    );
-                });
-            }
-        });
-        Relay {
-            addr,
-            frozen,
-            accept,
-        }
-    }
-
-    /// Stops (`true`) or resumes (`false`) passing bytes.
-    fn freeze(&self, frozen: bool) {
-        self.frozen.send_replace(frozen);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
-}
-
-/// Copies bytes from `from` to `to`, holding each chunk while the relay is frozen.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut gate: watch::Receiver<bool>) {
-    let mut buffer = vec![0u8; 16 * 1024];
-    loop {
-        let read = match from.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
-            Ok(read) => read,
-        };
-        if gate.wait_for(|frozen| !frozen).await.is_err() {
-            break;
-        }
-        if to.write_all(&buffer[..read]).await.is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown().await;
-}
 
 /// A pod whose runtime exited after it served requests is deleted, like a pod fngate stops
 /// itself. Otherwise every crash leaves a Failed pod in the runtime namespace for good.
@@ -304,7 +23,7 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut gate: watch::
 async fn crashed_pod_is_deleted() {
     let dir = tempdir();
     let code = web_function(dir.path(), "site");
-    let env = Env::start(dir, "", &web_toml("site", &code, ""), false).await;
+    let env = Env::start_sim_with(dir, "", &web_toml("site", &code, ""), false).await;
     let warm = get(env.fngate.proxy, "/web/default/site/").await;
     assert_eq!(warm.status, 200, "{}", warm.text());
     let crashed = name_of(&env.only_pod().await);
@@ -324,7 +43,7 @@ async fn crashed_pod_is_deleted() {
 async fn second_binding_leaves_pods_running() {
     let dir = tempdir();
     let code = web_function(dir.path(), "site");
-    let env = Env::start(dir, "", &web_toml("site", &code, ""), false).await;
+    let env = Env::start_sim_with(dir, "", &web_toml("site", &code, ""), false).await;
     let warm = get(env.fngate.proxy, "/web/default/site/").await;
     assert_eq!(warm.status, 200, "{}", warm.text());
     let pod = name_of(&env.only_pod().await);
@@ -340,7 +59,7 @@ async fn second_binding_leaves_pods_running() {
         .await;
 
     // Rejecting the binding is as good as accepting it, but deleting the pod is not.
-    let lists_before = pod_lists(&env.sim);
+    let lists_before = pod_lists(env.sim(), &env.namespace);
     let binding = json!({
         "kubernetes": {
             "kubeconfig": env.kubeconfig,
@@ -367,7 +86,7 @@ async fn second_binding_leaves_pods_running() {
         // The new binding's watcher lists the pods, and so does its cleanup of the pods of
         // earlier control planes.
         let deadline = Instant::now() + WAIT_LIMIT;
-        while pod_lists(&env.sim) < lists_before + 2 {
+        while pod_lists(env.sim(), &env.namespace) < lists_before + 2 {
             assert!(
                 Instant::now() < deadline,
                 "the new binding never listed the pods"
@@ -384,7 +103,12 @@ async fn second_binding_leaves_pods_running() {
         slow.text(),
         env.fngate.stderr()
     );
-    assert_eq!(pod_deletes(&env.sim, &pod), 0, "{}", env.fngate.stderr());
+    assert_eq!(
+        pod_deletes(env.sim(), &env.namespace, &pod),
+        0,
+        "{}",
+        env.fngate.stderr()
+    );
     let next = get(env.fngate.proxy, "/web/default/site/").await;
     assert_eq!(next.status, 200, "{}", next.text());
     assert_eq!(pid_of(&next), pid_of(&warm), "the warm pod was replaced");
@@ -396,7 +120,7 @@ async fn second_binding_leaves_pods_running() {
 async fn start_timeout_bounds_pod_create() {
     let dir = tempdir();
     let code = web_function(dir.path(), "site");
-    let env = Env::start(
+    let env = Env::start_sim_with(
         dir,
         "",
         &web_toml(
@@ -433,7 +157,7 @@ async fn start_timeout_bounds_pod_create() {
 async fn sigterm_exits_while_api_server_hangs() {
     let dir = tempdir();
     let code = web_function(dir.path(), "site");
-    let mut env = Env::start(dir, "", &web_toml("site", &code, ""), true).await;
+    let mut env = Env::start_sim_with(dir, "", &web_toml("site", &code, ""), true).await;
     let warm = get(env.fngate.proxy, "/web/default/site/").await;
     assert_eq!(warm.status, 200, "{}", warm.text());
 
@@ -508,7 +232,7 @@ async fn cold_start_boot_within_queue_time() {
         .iter()
         .map(|name| web_toml(name, &web_function(dir.path(), name), ""))
         .collect();
-    let env = Env::start(dir, "", &functions, false).await;
+    let env = Env::start_sim_with(dir, "", &functions, false).await;
 
     for name in names {
         let reply = get(env.fngate.proxy, &format!("/web/default/{name}/")).await;
@@ -543,7 +267,7 @@ fn timing_value(timing: &str, name: &str) -> f64 {
 async fn api_instance_id_matches_pod_label() {
     let dir = tempdir();
     let code = web_function(dir.path(), "site");
-    let env = Env::start(dir, "", &web_toml("site", &code, ""), false).await;
+    let env = Env::start_sim_with(dir, "", &web_toml("site", &code, ""), false).await;
     let warm = get(env.fngate.proxy, "/web/default/site/").await;
     assert_eq!(warm.status, 200, "{}", warm.text());
     let pod = env.only_pod().await;
