@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 binaries=${1:-target/debug}
 base=localhost/fngate-base:bookworm
 tag=ci-$$
-# The sandbox this runs in does not allow raising resource limits, and podman sets nofile and
-# nproc by default; explicit limits below the host's keep runc from failing.
+# Where raising resource limits is not allowed (as on this CI machine), podman's default nofile
+# and nproc limits make runc fail. The runs therefore set explicit limits below the host's.
 podman_flags=(--runtime runc --cgroup-manager=cgroupfs)
 run_flags=(--pull=never --ulimit nofile=4096:4096 --ulimit nproc=4096:4096)
 

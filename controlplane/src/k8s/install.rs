@@ -170,7 +170,7 @@ pub fn system_objects(
     ]
 }
 
-/// The API of one object, from its apiVersion and kind.
+/// Returns the API of one object, from its apiVersion and kind.
 fn api_for(client: &kube::Client, object: &Value) -> Result<Api<DynamicObject>, String> {
     let api_version = object["apiVersion"].as_str().unwrap_or_default();
     let kind = object["kind"].as_str().unwrap_or_default();
@@ -201,7 +201,7 @@ fn describe(object: &Value) -> String {
 }
 
 /// Applies every object with server-side apply. Fails with the first error, naming the object,
-/// and says so when RBAC forbids the write.
+/// and marks an error RBAC caused as forbidden.
 pub async fn apply(client: &kube::Client, objects: &[Value]) -> Result<(), String> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
     for object in objects {

@@ -140,7 +140,7 @@ impl KubeBackend {
         Ok(backend)
     }
 
-    /// Starts keeping the binding's system components applied, when it asks for them.
+    /// Starts keeping the binding's system components applied, when `install` is set.
     fn install(&self, binding: &KubeBinding) -> Installation {
         let mut installation = Installation {
             binding: binding.clone(),
@@ -202,10 +202,10 @@ impl KubeBackend {
                 )))
             }
             Err(_) => {
-                // The API server may still create the pod; its name is unique, so delete it
-                // by name once the server answers again.
+                // The API server may still create the pod. Its name is unique, so it is deleted
+                // by name once the server responds again.
                 tokio::spawn(delete_abandoned(self.pods.clone(), name.clone()));
-                tracing::warn!(pod = %name, "kube API did not answer the pod create within the start timeout");
+                tracing::warn!(pod = %name, "kube API did not respond to the pod create within the start timeout");
                 return Err(InstanceFailure::StartTimeout {
                     timeout: start_timeout,
                 });
@@ -248,7 +248,7 @@ impl KubeBackend {
                     _ => String::new(),
                 };
                 tracing::warn!(pod = %name, "runtime pod not ready within the start timeout{waiting}");
-                // The pod's own reason tells the operator more than the bare timeout.
+                // The pod's waiting reason is more useful to the operator than the bare timeout.
                 Err(InstanceFailure::Spawn(format!(
                     "pod {name} did not become ready within {}ms{waiting}",
                     start_timeout.as_millis()
@@ -307,7 +307,7 @@ impl InstanceBackend for KubeBackend {
                 Ok(Err(error)) => tracing::warn!(k8s_namespace = %namespace,
                     error = %error, "cannot remove the binding's system components"),
                 Err(_) => tracing::warn!(k8s_namespace = %namespace,
-                    "kube API did not answer while removing the binding's system components"),
+                    "kube API did not respond while removing the binding's system components"),
             }
         })
     }
@@ -356,7 +356,7 @@ pub async fn connect(
         .map_err(|error| PlatformError::Internal(format!("cannot build the kube client: {error}")))
 }
 
-/// Rejects a binding whose k8s namespace the cluster says does not exist. An unreachable or
+/// Rejects a binding whose k8s namespace the cluster reports missing. An unreachable or
 /// slow API server is not a reason to reject: the watcher retries, and `/readyz` reports it.
 async fn check_namespace_exists(client: &kube::Client, name: &str) -> Result<(), PlatformError> {
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
@@ -374,7 +374,7 @@ async fn check_namespace_exists(client: &kube::Client, name: &str) -> Result<(),
         Err(_) => {
             tracing::warn!(
                 k8s_namespace = name,
-                "kube API did not answer; not checking that the k8s namespace exists"
+                "kube API did not respond; not checking that the k8s namespace exists"
             );
             Ok(())
         }
@@ -404,7 +404,7 @@ fn process_owner() -> &'static str {
 }
 
 /// Deletes a pod whose create request timed out, retrying while the API server does not
-/// answer, for at most a few minutes.
+/// respond, for at most about five minutes.
 async fn delete_abandoned(pods: Api<Pod>, name: String) {
     let mut delay = Duration::from_secs(1);
     for _ in 0..8 {
@@ -569,7 +569,7 @@ async fn delete_pod(pods: &Api<Pod>, name: &str, uid: &str, grace: Duration) -> 
         }
         Err(_) => {
             tracing::warn!(pod = %name, timeout_s = API_CALL_LIMIT.as_secs(),
-                "kube API did not answer the delete of a runtime pod");
+                "kube API did not respond to the delete of a runtime pod");
             false
         }
     }
@@ -638,7 +638,7 @@ impl RunningInstance for KubeInstance {
                     tracing::warn!(pod = %self.name, error = %error, "cannot mark runtime pod draining")
                 }
                 Err(_) => {
-                    tracing::warn!(pod = %self.name, "kube API did not answer the draining mark")
+                    tracing::warn!(pod = %self.name, "kube API did not respond to the draining mark")
                 }
             }
         })

@@ -1,4 +1,4 @@
-//! The runtime pod of one instance: what fngate asks the cluster to run.
+//! The runtime pod of one instance: the spec fngate sends the cluster.
 
 use std::path::{Path, PathBuf};
 
