@@ -11,10 +11,8 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::k8s::*;
 use common::*;
-use hyper::Method;
 use serde_json::json;
 
 /// A pod whose runtime exited after it served requests is deleted, like a pod fngate stops
@@ -68,14 +66,7 @@ async fn second_binding_leaves_pods_running() {
             "runtime_image": IMAGE,
         }
     });
-    let reply = request(
-        env.fngate.api,
-        Method::PUT,
-        "/v1/namespaces/other",
-        Bytes::from(binding.to_string()),
-        &[("content-type", "application/json")],
-    )
-    .await;
+    let reply = put_json(env.fngate.api, "/v1/namespaces/other", &binding).await;
     assert!(
         reply.status < 500,
         "binding failed with {}: {}",

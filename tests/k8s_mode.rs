@@ -2,9 +2,9 @@
 //! Kubernetes cluster. By default the cluster is kubesim (the Kubernetes API test server and
 //! simulated node in `kubesim/`), whose runtime pods are real processes on loopback addresses.
 //!
-//! The scenarios that need no simulator controls also have a `real_` twin for a real cluster,
-//! ignored unless run with `--ignored` and `FNGATE_TEST_KUBECONFIG` set; docs/kubernetes.md
-//! lists what that cluster needs.
+//! The scenarios that need no simulator controls also have a `real_` twin for a real cluster.
+//! Those are ignored unless run with `--ignored` and `FNGATE_TEST_KUBECONFIG` set, and
+//! docs/kubernetes.md lists what that cluster needs.
 
 mod common;
 
@@ -45,8 +45,8 @@ on_both!(
     real_cold_start_then_warm_reuse
 );
 
-/// The first request creates a pod and waits for it; the second reuses it. The pod carries
-/// fngate's labels and no service-account token.
+/// Checks that the first request creates a pod and waits for it, and the second reuses it. The
+/// pod carries fngate's labels and no service-account token.
 async fn cold_start_then_warm_reuse(target: Target) {
     let dir = tempdir();
     let code = web_function(dir.path(), "site");
@@ -174,12 +174,10 @@ async fn update_drains_the_old_pod_without_failures(target: Target) {
         "code": {"directory": code.dir},
         "env": {"VERSION": "2"},
     });
-    let update = request(
+    let update = put_json(
         env.fngate.api,
-        Method::PUT,
         "/v1/namespaces/default/functions/site",
-        Bytes::from(body.to_string()),
-        &[("content-type", "application/json")],
+        &body,
     )
     .await;
     assert_eq!(update.status, 200, "{}", update.text());
@@ -226,9 +224,9 @@ on_both!(
     real_unschedulable_pod_fails_requests_with_the_reason
 );
 
-/// A nodeSelector no node matches: the request fails with the scheduler's reason rather than
-/// waiting out its 60 s queue budget, and the scaler backs off instead of creating pods in a
-/// loop.
+/// Checks a nodeSelector no node matches: the request fails with the scheduler's reason rather
+/// than waiting out its 60 s queue budget, and the scaler backs off instead of creating pods in
+/// a loop.
 async fn unschedulable_pod_fails_requests_with_the_reason(target: Target) {
     let dir = tempdir();
     let code = web_function(dir.path(), "site");
@@ -487,7 +485,7 @@ async fn event_functions_run_in_pods() {
     );
 }
 
-/// Image-style event server: answers `POST /event-invoke` on the pod IP and `PORT`.
+/// Image-style event server that serves `POST /event-invoke` on the pod IP and `PORT`.
 const IMAGE_EVENT_APP: &str = r#"
 import json, os
 from http.server import HTTPServer, BaseHTTPRequestHandler
@@ -909,19 +907,10 @@ async fn api_binding_is_checked_and_reports_status() {
     let dir = tempdir();
     let env = Env::start_sim(dir, "", "").await;
     let put = |namespace: &str, binding: Value| {
-        let body = json!({ "kubernetes": binding }).to_string();
+        let body = json!({ "kubernetes": binding });
         let api = env.fngate.api;
         let path = format!("/v1/namespaces/{namespace}");
-        async move {
-            request(
-                api,
-                Method::PUT,
-                &path,
-                Bytes::from(body),
-                &[("content-type", "application/json")],
-            )
-            .await
-        }
+        async move { put_json(api, &path, &body).await }
     };
     let kubeconfig = env.kubeconfig.display().to_string();
 
@@ -1023,14 +1012,7 @@ async fn binding_node_selector_change_moves_new_pods() {
     let mut namespace = get(env.fngate.api, "/v1/namespaces/default").await.json();
     namespace.as_object_mut().unwrap().remove("status");
     namespace["kubernetes"]["node_selector"] = json!({"fngate.io/pool": "other"});
-    let changed = request(
-        env.fngate.api,
-        Method::PUT,
-        "/v1/namespaces/default",
-        Bytes::from(namespace.to_string()),
-        &[("content-type", "application/json")],
-    )
-    .await;
+    let changed = put_json(env.fngate.api, "/v1/namespaces/default", &namespace).await;
     assert_eq!(changed.status, 200, "{}", changed.text());
     let warm = get(env.fngate.proxy, "/web/default/site/").await;
     assert_eq!(
@@ -1040,12 +1022,10 @@ async fn binding_node_selector_change_moves_new_pods() {
     );
 
     let update = json!({"kind": "web", "code": {"directory": code.dir}, "env": {"V": "2"}});
-    let updated = request(
+    let updated = put_json(
         env.fngate.api,
-        Method::PUT,
         "/v1/namespaces/default/functions/site",
-        Bytes::from(update.to_string()),
-        &[("content-type", "application/json")],
+        &update,
     )
     .await;
     assert_eq!(updated.status, 200, "{}", updated.text());
@@ -1106,7 +1086,7 @@ async fn pod_deleted_while_starting_is_replaced() {
 }
 
 /// A directory code source missing on the node keeps the pod ContainerCreating, as the kubelet
-/// does; the start times out with the kubelet's mount message in the error.
+/// does. The start then times out with the kubelet's mount message in the error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_code_directory_reports_the_mount_failure() {
     let dir = tempdir();

@@ -424,6 +424,18 @@ pub async fn request(
     }
 }
 
+/// Sends `PUT path` with `body` as JSON, as the control-plane API expects.
+pub async fn put_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Reply {
+    request(
+        addr,
+        Method::PUT,
+        path,
+        body.to_string(),
+        &[("content-type", "application/json")],
+    )
+    .await
+}
+
 pub async fn get(addr: SocketAddr, path: &str) -> Reply {
     request(addr, Method::GET, path, Bytes::new(), &[]).await
 }

@@ -1,12 +1,11 @@
 //! Initialisation of a bound cluster: fngate's system components in `fngate-system`, applied
 //! with server-side apply, and the binding's status.
 //!
-//! A binding with `install = true` gets the node agent's ServiceAccount, a Role and RoleBinding
-//! in the runtime namespace (read pods, nothing cluster-wide), a ConfigMap describing the
-//! binding, and the agent DaemonSet, placed with the binding's nodeSelector, tolerations and
-//! affinity so an agent runs wherever runtime pods may. Applying is idempotent: re-applying an
-//! unchanged set changes nothing, and re-applying after someone changed or deleted an object
-//! repairs it. The status moves from Initializing to Normal once the DaemonSet has a ready
+//! A binding with `install = true` gets the node agent's ServiceAccount and a ConfigMap
+//! describing the binding. It also gets a Role and RoleBinding in the runtime namespace (read
+//! pods, nothing cluster-wide) and the agent DaemonSet, placed like the runtime pods so an agent
+//! runs wherever they may. Applying is idempotent: re-applying an unchanged set changes
+//! nothing, and re-applying after someone changed or deleted an object repairs it. The status moves from Initializing to Normal once the DaemonSet has a ready
 //! agent, or to Failed with the reason.
 
 use std::time::Duration;
@@ -123,15 +122,7 @@ pub fn system_objects(
         }],
         "volumes": [{"name": "function-dir", "hostPath": {"path": function_dir, "type": "DirectoryOrCreate"}}],
     });
-    if !binding.node_selector.is_empty() {
-        pod_spec["nodeSelector"] = json!(binding.node_selector);
-    }
-    if !binding.tolerations.is_empty() {
-        pod_spec["tolerations"] = json!(binding.tolerations);
-    }
-    if let Some(affinity) = &binding.affinity {
-        pod_spec["affinity"] = json!(affinity);
-    }
+    super::pod::place(&mut pod_spec, binding);
     vec![
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NAMESPACE}}),
         json!({

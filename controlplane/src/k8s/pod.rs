@@ -127,15 +127,7 @@ pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Pat
         "terminationGracePeriodSeconds": grace,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
     });
-    if !binding.node_selector.is_empty() {
-        pod_spec["nodeSelector"] = json!(binding.node_selector);
-    }
-    if !binding.tolerations.is_empty() {
-        pod_spec["tolerations"] = json!(binding.tolerations);
-    }
-    if let Some(affinity) = &binding.affinity {
-        pod_spec["affinity"] = json!(affinity);
-    }
+    place(&mut pod_spec, binding);
 
     let mut annotations = json!({
         ANNOTATION_NAMESPACE: spec.namespace,
@@ -166,6 +158,20 @@ pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Pat
     serde_json::from_value(pod).expect("the runtime pod is a valid Pod")
 }
 
+/// Adds the binding's nodeSelector, tolerations and affinity to a pod spec. Runtime pods and the
+/// node agent's pods share them, so an agent runs wherever runtime pods may.
+pub fn place(pod_spec: &mut Value, binding: &KubeBinding) {
+    if !binding.node_selector.is_empty() {
+        pod_spec["nodeSelector"] = json!(binding.node_selector);
+    }
+    if !binding.tolerations.is_empty() {
+        pod_spec["tolerations"] = json!(binding.tolerations);
+    }
+    if let Some(affinity) = &binding.affinity {
+        pod_spec["affinity"] = json!(affinity);
+    }
+}
+
 /// `fn-<namespace>-<function>-<instance>-<random>`, lowercase, at most 63 characters (so it
 /// also fits a hostname). The random part keeps names unique across control plane restarts,
 /// which reuse instance ids.
@@ -194,14 +200,14 @@ fn dns_part(name: &str) -> String {
         .collect()
 }
 
-/// A fngate name as a label value: names may end with `-` or `_`, label values may not.
+/// Converts a fngate name to a label value: names may end with `-` or `_`, label values may not.
 fn label_value(name: &str) -> String {
     name.trim_end_matches(['-', '_']).to_owned()
 }
 
-/// The path of `code_dir` on the nodes: code under the control plane's function directory
-/// moves to the same place under the binding's; any other path (a `directory` code source)
-/// is expected at the same path on the nodes.
+/// Returns the path of `code_dir` on the nodes. Code under the control plane's function
+/// directory moves to the same place under the binding's. Any other path (a `directory` code
+/// source) is expected at the same path on the nodes.
 pub fn node_code_dir(code_dir: &Path, host_function_dir: &Path, binding: &KubeBinding) -> PathBuf {
     match code_dir.strip_prefix(host_function_dir) {
         Ok(relative) => binding.function_dir.join(relative),
@@ -248,7 +254,7 @@ mod tests {
     }
 
     #[test]
-    fn web_pod_execs_the_bootstrap_with_placement_and_no_token() {
+    fn web_pod_spec_is_complete() {
         let request = request(
             "namespace = \"default\"\nname = \"Hello_World-\"\nkind = \"web\"\ncode = { directory = \"/srv\" }\nmemory_mb = 256\ntimeout_ms = 10500\nenv = { GREETING = \"hi\" }\n",
         );
@@ -323,7 +329,7 @@ mod tests {
     }
 
     #[test]
-    fn code_under_the_function_dir_moves_to_the_nodes_function_dir() {
+    fn node_code_dir_maps_function_dir() {
         let binding = binding();
         assert_eq!(
             node_code_dir(
