@@ -98,7 +98,21 @@ async fn exit_after_ready_returns_its_code() {
 async fn invocation_timeout_gives_504_and_exits() {
     let script =
         format!("{PRELUDE}ready\ncurl -sS -o /dev/null \"$api/invocation/next\"\nexec sleep 600\n");
-    let wrapper = start(&script).await;
+    // A loopback address of its own: another process may take the freed port on 127.0.0.1
+    // before the check at the end, which would then read as the wrapper still listening.
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+    let own_ip = [127, 200, (seed >> 8) as u8, (seed as u8).max(1)];
+    let Ok(wrapper) = start_with(&script, |config| {
+        config.invoke_listen = std::net::SocketAddr::from((own_ip, 0));
+    })
+    .await
+    else {
+        panic!("the wrapper did not become ready");
+    };
     let invoke_addr = wrapper.invoke_addr;
 
     let response = wrapper
