@@ -2,9 +2,9 @@
 # Runs fngate's whole test suite: formatting, lints, every unit, property and end-to-end test,
 # the criterion benches in test mode, and a quick run of every benchmark scenario so the harness
 # cannot rot (it asserts nothing about timings). The end-to-end tests start real processes and
-# need python3 and curl on PATH; the manifest test needs kubernetes-validate (pip); the quick
-# benchmark run needs nginx, haproxy and oha; the image build needs podman, runc and
-# debootstrap, and is skipped with a message when podman is missing (.ci/run installs it).
+# need python3 and curl on PATH, and the manifest test needs kubernetes-validate (pip). The quick
+# benchmark run needs nginx, haproxy and oha. The image build needs podman, runc and debootstrap;
+# it is skipped with a message when podman is missing (.ci/run installs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

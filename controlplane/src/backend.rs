@@ -124,8 +124,8 @@ pub trait RunningInstance: Send + Sync {
     /// scaler can call it in a `select!` loop.
     fn exited(&self) -> BoxFuture<'_, InstanceFailure>;
 
-    /// The instance object when the backend's route source already routes it (in k8s mode the
-    /// proxy's pod watcher does). The scaler then uses it instead of making one, and does not
+    /// Returns the instance object when the backend's route source already routes it (in k8s
+    /// mode the proxy's pod watcher does). The scaler then uses it instead of making one, and does not
     /// add it to the pool itself.
     fn routed(&self) -> Option<Arc<fngate_proxy::Instance>> {
         None

@@ -31,7 +31,7 @@ pub struct NamespaceSpec {
     pub kubernetes: Option<KubeBinding>,
 }
 
-/// Where a k8s-mode namespace runs its pods, and how they are placed.
+/// Binding of a k8s-mode namespace: the cluster and k8s namespace of its pods, and their placement.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubeBinding {

@@ -173,7 +173,7 @@ impl Platform {
         Ok(Applied::Created)
     }
 
-    /// The backend for a namespace: the local one, or pods of its bound cluster.
+    /// Returns the backend for a namespace: the local one, or pods of its bound cluster.
     async fn backend_for(
         &self,
         spec: &NamespaceSpec,

@@ -166,7 +166,7 @@ fn check_binding(binding: &KubeBinding) -> Result<(), PlatformError> {
     Ok(())
 }
 
-/// Why `value` is not a DNS-1123 label (a k8s namespace name), if it is not.
+/// Returns why `value` is not a DNS-1123 label (a k8s namespace name), if it is not.
 fn dns_label_problem(value: &str) -> Option<String> {
     if value.is_empty() {
         return Some("is missing or empty".to_owned());
@@ -186,7 +186,7 @@ fn dns_label_problem(value: &str) -> Option<String> {
     None
 }
 
-/// Why `key` is not a label key (`[prefix/]name`), if it is not.
+/// Returns why `key` is not a label key (`[prefix/]name`), if it is not.
 fn label_key_problem(key: &str) -> Option<String> {
     let (prefix, name) = match key.rsplit_once('/') {
         Some((prefix, name)) => (Some(prefix), name),
@@ -208,7 +208,7 @@ fn label_key_problem(key: &str) -> Option<String> {
     label_value_problem(name)
 }
 
-/// Why `value` is not a label value (at most 63 letters, digits, '-', '_' and '.', starting
+/// Returns why `value` is not a label value (at most 63 letters, digits, '-', '_' and '.', starting
 /// and ending with a letter or digit), if it is not.
 fn label_value_problem(value: &str) -> Option<String> {
     if value.len() > 63 {

@@ -540,7 +540,7 @@ impl Router {
         self.sources.lock().retain(|s| !Arc::ptr_eq(s, source));
     }
 
-    /// The registered route sources.
+    /// Returns the registered route sources.
     pub fn sources(&self) -> Vec<Arc<RouteSource>> {
         self.sources.lock().clone()
     }

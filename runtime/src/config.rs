@@ -228,7 +228,7 @@ mod tests {
     }
 
     #[test]
-    fn pod_address_and_port_stand_in_for_the_listen_address() {
+    fn pod_ip_and_port_give_listen_address() {
         let dir = tempfile::tempdir().expect("tempdir");
         write_file(dir.path(), "bootstrap", 0o755);
         let pod = vars(&[(ENV_INSTANCE_IP, "10.1.2.3"), (ENV_PORT, "9000")]);

@@ -47,8 +47,8 @@ fn main() -> ExitCode {
 }
 
 /// Waits until `FNGATE_CODE_DIR` exists, then makes it the working directory. In a runtime pod
-/// the node agent delivers the code version there, possibly after the pod started; the wait is
-/// bounded by `FNGATE_CODE_WAIT_MS` (default 30 s). Without `FNGATE_CODE_DIR` it does nothing.
+/// the node agent delivers the code version there, possibly after the pod started, so the wait
+/// is bounded by `FNGATE_CODE_WAIT_MS` (default 30 s). Without `FNGATE_CODE_DIR` it does nothing.
 fn wait_for_code() -> Result<(), String> {
     let Some(dir) = std::env::var_os("FNGATE_CODE_DIR") else {
         return Ok(());

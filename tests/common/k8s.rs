@@ -52,7 +52,7 @@ pub struct RealCluster {
 }
 
 impl RealCluster {
-    /// The real cluster named by `FNGATE_TEST_KUBECONFIG`.
+    /// Reads the real cluster's settings from `FNGATE_TEST_*`.
     pub fn from_env() -> RealCluster {
         let kubeconfig = std::env::var_os("FNGATE_TEST_KUBECONFIG")
             .expect("real-cluster tests need FNGATE_TEST_KUBECONFIG; see docs/kubernetes.md");
@@ -66,7 +66,7 @@ impl RealCluster {
     }
 }
 
-/// The node of most tests: labelled for functions, with the runtime image.
+/// Returns the node of most tests: labelled for functions, with the runtime image.
 pub fn function_node(name: &str) -> NodeConfig {
     NodeConfig::new(name)
         .label("fngate.io/pool", "functions")

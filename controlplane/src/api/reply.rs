@@ -102,7 +102,7 @@ fn with_body(status: StatusCode, body: Bytes) -> ApiResponse {
 }
 
 /// Builds an empty 204 response.
-/// A code package as `application/zip`, with its digest as the entity tag.
+/// Builds the response for a code package: `application/zip`, with its digest as the entity tag.
 pub(crate) fn package(digest: &str, bytes: Bytes) -> ApiResponse {
     let mut response = with_body(StatusCode::OK, bytes);
     let headers = response.headers_mut();

@@ -49,7 +49,7 @@ fn unschedulable_pod_fails_with_the_scheduler_message() {
 }
 
 #[test]
-fn image_pull_back_off_and_exit_are_failures_but_container_creating_is_not() {
+fn pull_and_exit_failures_detected() {
     let waiting = |reason: &str| {
         PodView::from_pod(&base(serde_json::json!({
             "phase": "Pending",
@@ -151,7 +151,7 @@ mod tracker {
         (tracker, probe_rx)
     }
 
-    /// A running pod of `function`; `ready` sets its Ready condition.
+    /// Builds a running pod of `function`; `ready` sets its Ready condition.
     fn running(uid: &str, name: &str, function: &str, ip: &str, ready: bool) -> Pod {
         pod(serde_json::json!({
             "metadata": {
@@ -241,7 +241,7 @@ mod tracker {
     }
 
     #[tokio::test]
-    async fn late_delete_of_old_uid_keeps_the_same_named_replacement() {
+    async fn late_delete_keeps_replacement() {
         let router = router_with(&["a"]);
         let (mut tracker, _probes) = tracker(&router, 9000);
         tracker.apply(
