@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::k8s::*;
 use common::*;
-use fngate_kubesim::{Image, NodeConfig, Resource, Taint};
+use fngate_kubesim::{Cluster, ClusterConfig, Image, NodeConfig, Resource, Taint};
 use hyper::Method;
 use kube::api::DeleteParams;
 use serde_json::{json, Value};
@@ -765,23 +765,29 @@ fn fngate_image() -> Image {
     image
 }
 
-async fn namespace_status(env: &Env) -> Value {
-    let reply = get(env.fngate.api, "/v1/namespaces/default").await;
+async fn namespace_status(env: &Env, namespace: &str) -> Value {
+    let reply = get(env.fngate.api, &format!("/v1/namespaces/{namespace}")).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply.json()["status"].clone()
 }
 
-/// Waits until the binding's status has `phase`, failing after [`WAIT_LIMIT`].
+/// Waits until the binding of the namespace `default` has `phase`, failing after
+/// [`WAIT_LIMIT`].
 async fn wait_phase(env: &Env, phase: &str) -> Value {
+    wait_namespace_phase(env, "default", phase).await
+}
+
+/// Waits until the binding of `namespace` has `phase`, failing after [`WAIT_LIMIT`].
+async fn wait_namespace_phase(env: &Env, namespace: &str, phase: &str) -> Value {
     let deadline = Instant::now() + WAIT_LIMIT;
     loop {
-        let status = namespace_status(env).await;
+        let status = namespace_status(env, namespace).await;
         if status["phase"] == phase {
             return status;
         }
         assert!(
             Instant::now() < deadline,
-            "binding stuck at {status}, expected {phase}\n{}",
+            "binding of {namespace} stuck at {status}, expected {phase}\n{}",
             env.fngate.stderr()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -897,6 +903,284 @@ async fn binding_without_eligible_nodes_fails() {
     let status = wait_phase(&env, "Failed").await;
     let reason = status["reason"].as_str().unwrap();
     assert!(reason.contains("no eligible nodes"), "{reason}");
+}
+
+/// A binding whose agent image no node has fails with that reason and the image's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_with_unpullable_agent_image_fails() {
+    let dir = tempdir();
+    let image = "fngate/missing-agent:0.0.1";
+    let binding = format!("install = true\nagent_image = \"{image}\"");
+    // The node has the runtime image only.
+    let env = Env::start_sim(dir, &binding, "").await;
+
+    let status = wait_phase(&env, "Failed").await;
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.starts_with("image not pullable"), "{reason}");
+    assert!(reason.contains(image), "{reason}");
+}
+
+/// A binding whose server-side apply RBAC denies fails with a reason that reports the denial
+/// and names the object. Once the denial is lifted, a later re-apply installs the agent and the binding
+/// reaches Normal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_forbidden_by_rbac_recovers_when_permitted() {
+    let dir = tempdir();
+    let node_dir = dir.path().join("node");
+    let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, fngate_image())];
+    // The namespace `default` installs nothing. The namespace under test is bound through the
+    // API once the denial is in place.
+    let env = Env::start(Target::Sim { nodes }, dir, "", "").await;
+    let sim = env.sim();
+    sim.forbid("patch", &Resource::DAEMONSETS, Some("fngate-system"));
+
+    let binding = json!({
+        "kubeconfig": env.kubeconfig,
+        "context": "kubesim",
+        "namespace": env.namespace,
+        "install": true,
+        "agent_image": FNGATE_IMAGE,
+        "agent_kubeconfig": env.kubeconfig,
+        "function_dir": node_dir,
+        "resync_interval_ms": 1000,
+    });
+    let body = json!({ "kubernetes": binding });
+    let created = put_json(env.fngate.api, "/v1/namespaces/agents", &body).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+
+    let daemonset = "fngate-agent-fngate-runtime";
+    let status = wait_namespace_phase(&env, "agents", "Failed").await;
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.starts_with("forbidden by RBAC"), "{reason}");
+    assert!(
+        reason.contains(&format!("DaemonSet {daemonset}")),
+        "{reason}"
+    );
+    assert!(
+        reason.contains(
+            "cannot patch resource \"daemonsets\" in API group \"apps\" in the namespace \"fngate-system\""
+        ),
+        "{reason}"
+    );
+    assert!(
+        sim.get(&Resource::DAEMONSETS, Some("fngate-system"), daemonset)
+            .is_none(),
+        "the denied DaemonSet exists"
+    );
+
+    assert!(sim.permit("patch", &Resource::DAEMONSETS, Some("fngate-system")));
+    wait_namespace_phase(&env, "agents", "Normal").await;
+    assert!(
+        sim.get(&Resource::DAEMONSETS, Some("fngate-system"), daemonset)
+            .is_some(),
+        "the DaemonSet is missing after the binding reached Normal"
+    );
+}
+
+/// Returns the system objects that a binding to the k8s namespace `runtime` installs, as the
+/// kind, the namespace and the name.
+fn agent_objects(runtime: &str) -> Vec<(Resource, String, String)> {
+    let name = format!("fngate-agent-{runtime}");
+    let system = "fngate-system".to_owned();
+    vec![
+        (Resource::SERVICEACCOUNTS, system.clone(), name.clone()),
+        (Resource::CONFIGMAPS, system.clone(), name.clone()),
+        (Resource::DAEMONSETS, system, name.clone()),
+        (Resource::ROLES, runtime.to_owned(), name.clone()),
+        (Resource::ROLEBINDINGS, runtime.to_owned(), name),
+    ]
+}
+
+/// Returns the binding of the namespace `default` as the API reports it, without its status,
+/// ready to be changed and put back.
+async fn default_namespace_spec(env: &Env) -> Value {
+    let mut namespace = get(env.fngate.api, "/v1/namespaces/default").await.json();
+    namespace.as_object_mut().unwrap().remove("status");
+    namespace
+}
+
+/// Returns binding settings that install an agent able to become ready on kubesim.
+fn agent_binding(kubeconfig: &Path, node_dir: &Path) -> String {
+    format!(
+        "install = true\nagent_image = \"{FNGATE_IMAGE}\"\nagent_kubeconfig = \"{}\"\nfunction_dir = \"{}\"\nresync_interval_ms = 1000",
+        kubeconfig.display(),
+        node_dir.display()
+    )
+}
+
+/// Binding a namespace without functions to another k8s namespace removes every system object
+/// of the old binding, and its agent pod, before the `PUT` returns, and installs the new
+/// binding's objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebinding_removes_the_old_components() {
+    let dir = tempdir();
+    let binding = agent_binding(&dir.path().join("kubeconfig"), &dir.path().join("node"));
+    let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, fngate_image())];
+    let env = Env::start(Target::Sim { nodes }, dir, &binding, "").await;
+    wait_phase(&env, "Normal").await;
+    let sim = env.sim();
+    for (resource, namespace, name) in agent_objects(&env.namespace) {
+        assert!(
+            sim.get(&resource, Some(&namespace), &name).is_some(),
+            "{} {namespace}/{name} was not installed",
+            resource.kind
+        );
+    }
+    let old_agent = "app.kubernetes.io/instance=fngate-agent-fngate-runtime";
+    let agent_pods = |instance: &str| {
+        let (key, value) = instance.split_once('=').unwrap();
+        sim.list(&Resource::PODS, Some("fngate-system"))
+            .into_iter()
+            .filter(|pod| pod["metadata"]["labels"][key] == value)
+            .count()
+    };
+    assert_eq!(agent_pods(old_agent), 1, "the old agent is not running");
+
+    let runtime = "fngate-runtime-2";
+    sim.create(
+        &Resource::NAMESPACES,
+        json!({"metadata": {"name": runtime}}),
+    )
+    .unwrap();
+    let mut namespace = default_namespace_spec(&env).await;
+    namespace["kubernetes"]["namespace"] = json!(runtime);
+    let changed = put_json(env.fngate.api, "/v1/namespaces/default", &namespace).await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+
+    for (resource, namespace, name) in agent_objects(&env.namespace) {
+        assert!(
+            sim.get(&resource, Some(&namespace), &name).is_none(),
+            "{} {namespace}/{name} of the old binding is still there\n{}",
+            resource.kind,
+            env.fngate.stderr()
+        );
+    }
+    wait_phase(&env, "Normal").await;
+    for (resource, namespace, name) in agent_objects(runtime) {
+        assert!(
+            sim.get(&resource, Some(&namespace), &name).is_some(),
+            "{} {namespace}/{name} of the new binding is missing",
+            resource.kind
+        );
+    }
+    let config = sim
+        .get(
+            &Resource::CONFIGMAPS,
+            Some("fngate-system"),
+            "fngate-agent-fngate-runtime-2",
+        )
+        .unwrap();
+    assert_eq!(config["data"]["runtime-namespace"], runtime);
+
+    // Deleting the DaemonSet deletes its pod, which stops within its grace period.
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while agent_pods(old_agent) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the old agent pod is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        agent_pods("app.kubernetes.io/instance=fngate-agent-fngate-runtime-2"),
+        1,
+        "the new agent is not running"
+    );
+}
+
+/// Binding a namespace to another cluster while the old cluster is unreachable still succeeds:
+/// the new binding is installed and reaches Normal, and the failed removal is logged with the
+/// object it could not delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebinding_from_unreachable_cluster_succeeds() {
+    let other_dir = tempdir();
+    let mut config = ClusterConfig::new(other_dir.path().join("kubesim-logs"));
+    config.nodes = vec![function_node("node-b").image(FNGATE_IMAGE, fngate_image())];
+    let other = Cluster::start(config)
+        .await
+        .expect("kubesim failed to start");
+    let other_kubeconfig = other_dir.path().join("kubeconfig");
+    other
+        .write_kubeconfig(&other_kubeconfig, "kubesim-b")
+        .unwrap();
+    ensure_namespace(&client(&other_kubeconfig, None).await, RUNTIME_NAMESPACE).await;
+
+    let dir = tempdir();
+    let binding = agent_binding(&dir.path().join("kubeconfig"), &dir.path().join("node"));
+    let nodes = vec![function_node("node-a").image(FNGATE_IMAGE, fngate_image())];
+    let mut env = Env::start(Target::Sim { nodes }, dir, &binding, "").await;
+    wait_phase(&env, "Normal").await;
+    env.sim
+        .take()
+        .expect("the test started kubesim")
+        .shutdown()
+        .await;
+
+    let mut namespace = default_namespace_spec(&env).await;
+    namespace["kubernetes"]["kubeconfig"] = json!(other_kubeconfig);
+    namespace["kubernetes"]["context"] = json!("kubesim-b");
+    namespace["kubernetes"]["agent_kubeconfig"] = json!(other_kubeconfig);
+    let changed = put_json(env.fngate.api, "/v1/namespaces/default", &namespace).await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+
+    let stderr = env.fngate.stderr();
+    assert!(
+        stderr.contains("cannot remove the binding's system components"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("cannot delete DaemonSet fngate-agent-fngate-runtime"),
+        "{stderr}"
+    );
+    wait_phase(&env, "Normal").await;
+    for (resource, namespace, name) in agent_objects(RUNTIME_NAMESPACE) {
+        assert!(
+            other.get(&resource, Some(&namespace), &name).is_some(),
+            "{} {namespace}/{name} is missing in the new cluster",
+            resource.kind
+        );
+    }
+}
+
+/// Turning `install` off in place leaves the system objects in the cluster, and deleting the
+/// namespace afterwards still removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_install_is_removed_on_delete() {
+    let dir = tempdir();
+    let binding = agent_binding(&dir.path().join("kubeconfig"), &dir.path().join("node"));
+    let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, fngate_image())];
+    let env = Env::start(Target::Sim { nodes }, dir, &binding, "").await;
+    wait_phase(&env, "Normal").await;
+
+    let mut namespace = default_namespace_spec(&env).await;
+    namespace["kubernetes"]["install"] = json!(false);
+    let changed = put_json(env.fngate.api, "/v1/namespaces/default", &namespace).await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+    let sim = env.sim();
+    for (resource, namespace, name) in agent_objects(&env.namespace) {
+        assert!(
+            sim.get(&resource, Some(&namespace), &name).is_some(),
+            "{} {namespace}/{name} was removed when install was turned off",
+            resource.kind
+        );
+    }
+
+    let deleted = request(
+        env.fngate.api,
+        Method::DELETE,
+        "/v1/namespaces/default",
+        Bytes::new(),
+        &[],
+    )
+    .await;
+    assert_eq!(deleted.status, 204, "{}", deleted.text());
+    for (resource, namespace, name) in agent_objects(&env.namespace) {
+        assert!(
+            sim.get(&resource, Some(&namespace), &name).is_none(),
+            "{} {namespace}/{name} is still there after the namespace was deleted",
+            resource.kind
+        );
+    }
 }
 
 /// Bindings made through the API are checked against the cluster: a k8s namespace that does not

@@ -106,7 +106,8 @@ pub trait InstanceBackend: Send + Sync + 'static {
     }
 
     /// Removes what binding the namespace created outside fngate, such as its system
-    /// components in the cluster. Called when the namespace is deleted.
+    /// components in the cluster. Called when the namespace is deleted, and when a change of
+    /// its binding replaces this backend with another.
     fn unbind(&self) -> BoxFuture<'_, ()> {
         Box::pin(std::future::ready(()))
     }

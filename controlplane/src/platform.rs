@@ -116,12 +116,13 @@ impl Platform {
     pub async fn put_namespace(&self, spec: NamespaceSpec) -> Result<Applied, PlatformError> {
         crate::validate::namespace(&spec)?;
         let _change = self.changes.lock().await;
-        let rebind = {
+        // `previous` is the backend that a rebind replaces.
+        let (rebind, previous) = {
             let namespaces = self.namespaces.lock();
             match namespaces.get(&spec.name) {
                 Some(entry) if entry.spec.kubernetes != spec.kubernetes => {
                     if entry.backend.update_binding(&spec) {
-                        false
+                        (false, None)
                     } else if !entry.functions.is_empty() {
                         return Err(PlatformError::Conflict(format!(
                             "namespace {:?} has {} functions; changing the cluster, k8s namespace, \
@@ -131,16 +132,16 @@ impl Platform {
                             entry.functions.len()
                         )));
                     } else {
-                        true
+                        (true, Some(Arc::clone(&entry.backend)))
                     }
                 }
-                Some(_) => false,
-                None => true,
+                Some(_) => (false, None),
+                None => (true, None),
             }
         };
         // Connecting reads the kubeconfig, so it happens before the namespace lock is taken.
         let backend = if rebind {
-            Some(self.backend_for(&spec).await?)
+            Some(self.backend_for(&spec, previous.as_deref()).await?)
         } else {
             None
         };
@@ -174,12 +175,24 @@ impl Platform {
     }
 
     /// Returns the backend for a namespace: the local one, or pods of its bound cluster.
+    ///
+    /// On a rebind, `previous` is the namespace's current backend, and what its binding created
+    /// in a cluster is removed. The removal waits until the new binding has connected, so a
+    /// rejected binding leaves the previous one intact. It runs before the new binding applies
+    /// anything, so objects that both bindings name alike in one cluster end up applied, not
+    /// deleted. A failed removal is logged and does not fail the rebind.
     async fn backend_for(
         &self,
         spec: &NamespaceSpec,
+        previous: Option<&dyn InstanceBackend>,
     ) -> Result<Arc<dyn InstanceBackend>, PlatformError> {
         match &spec.kubernetes {
-            None => Ok(Arc::clone(&self.backend)),
+            None => {
+                if let Some(previous) = previous {
+                    previous.unbind().await;
+                }
+                Ok(Arc::clone(&self.backend))
+            }
             Some(binding) => {
                 let backend = crate::k8s::KubeBackend::connect(
                     &spec.name,
@@ -189,6 +202,10 @@ impl Platform {
                     self.config.api_url.as_deref(),
                 )
                 .await?;
+                if let Some(previous) = previous {
+                    previous.unbind().await;
+                }
+                backend.start_install();
                 tracing::info!(namespace = %spec.name, k8s_namespace = %binding.namespace,
                     "namespace bound to a Kubernetes cluster; its instances run as pods");
                 Ok(Arc::new(backend))

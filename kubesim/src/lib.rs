@@ -24,7 +24,8 @@
 //! # Simplifications versus a real cluster
 //!
 //! - No authorization, admission webhooks, validation beyond names, or OpenAPI schema. RBAC
-//!   objects are stored but never enforced. Any object content is accepted.
+//!   objects are stored but never enforced. [`Cluster::forbid`] denies chosen requests
+//!   instead, with the 403 status RBAC would cause. Any object content is accepted.
 //! - Simplified controllers. A deployment owns its pods directly, without ReplicaSets (which
 //!   are not served). For a new template it creates all new pods at once and deletes the old
 //!   ones when the new ones are ready, whatever the strategy says, and a ready pod counts as
@@ -73,6 +74,7 @@
 //! - Pod IPs are loopback addresses, so every pod shares the host's network namespace and
 //!   port space on its own address.
 
+mod authorization;
 mod container;
 mod controllers;
 mod defaults;
@@ -95,6 +97,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use authorization::VERBS;
 pub use resource::Resource;
 pub use scheduler::parse_quantity;
 pub use status::{Status, StatusDetails};
@@ -225,11 +228,15 @@ pub struct ClusterConfig {
     /// Serves requests that carry no `Authorization` header. kubectl and other client-go
     /// programs send no token over plain HTTP, so they need this; kube-rs does send it.
     pub allow_anonymous: bool,
+    /// The user name that requests with the bearer token authenticate as, which denials from
+    /// [`Cluster::forbid`] name. Requests without a token are `system:anonymous`.
+    pub user: String,
 }
 
 impl ClusterConfig {
     /// Creates a configuration with one node named `node-1` without images, bookmarks every
-    /// second, 10 000 events of history, and a crash back-off from 100 ms to 2 s.
+    /// second, 10 000 events of history, a crash back-off from 100 ms to 2 s, and the user
+    /// `system:serviceaccount:kube-system:kubesim`.
     pub fn new(log_dir: impl Into<PathBuf>) -> ClusterConfig {
         ClusterConfig {
             nodes: vec![NodeConfig::new("node-1")],
@@ -239,6 +246,7 @@ impl ClusterConfig {
             crash_backoff: Duration::from_millis(100),
             crash_backoff_max: Duration::from_secs(2),
             allow_anonymous: false,
+            user: "system:serviceaccount:kube-system:kubesim".to_string(),
         }
     }
 }
@@ -322,6 +330,20 @@ fn create_node_object(store: &Store, node: &Node) -> Result<(), Status> {
     Ok(())
 }
 
+/// Builds a denial rule, panicking on an unknown verb so that a typo cannot leave a test's
+/// denial without effect.
+fn forbid_rule(verb: &str, resource: &Resource, namespace: Option<&str>) -> authorization::Rule {
+    assert!(
+        verb == "*" || VERBS.contains(&verb),
+        "unknown verb {verb:?}: expected one of {VERBS:?} or \"*\""
+    );
+    authorization::Rule {
+        verb: verb.to_string(),
+        resource: *resource,
+        namespace: namespace.map(str::to_string),
+    }
+}
+
 impl Cluster {
     /// Starts the API server on `127.0.0.1` with a random port, the scheduler and the nodes,
     /// and creates the `default` and `kube-system` namespaces.
@@ -374,11 +396,13 @@ impl Cluster {
         let server = Arc::new(ServerState {
             store: store.clone(),
             token: token.clone(),
+            user: config.user.clone(),
             allow_anonymous: config.allow_anonymous,
             bookmark_interval: config.bookmark_interval,
             requests: Default::default(),
             logs: logs.clone(),
             watches_blocked: watch::channel(false).0,
+            forbidden: Default::default(),
         });
         let (shutdown, shutdown_receiver) = watch::channel(false);
         let mut tasks = vec![tokio::spawn(server::serve(
@@ -448,6 +472,44 @@ impl Cluster {
     /// unblocked, or after 60 s.
     pub fn block_watches(&self, blocked: bool) {
         self.server.watches_blocked.send_replace(blocked);
+    }
+
+    /// Denies every HTTP request with `verb` on `resource` in `namespace` (`None`: in every
+    /// namespace and at the cluster scope) until [`Cluster::permit`] lifts the denial, as RBAC
+    /// denies a request that no role grants. The request gets 403 with a `Forbidden` status
+    /// and the real server's message, such as `daemonsets.apps "agent" is forbidden: User
+    /// "system:serviceaccount:kube-system:kubesim" cannot patch resource "daemonsets" in API
+    /// group "apps" in the namespace "fngate-system"`.
+    ///
+    /// `verb` is one of [`VERBS`] or `*`, and a request's verb is derived as the real server
+    /// derives it, so a server-side apply is `patch`. Unlike the real server, kubesim does not
+    /// also check `create` for an apply that creates the object. Requests for a namespace
+    /// object count as requests in that namespace. Requests for subresources (`status`, `log`)
+    /// and calls of [`Cluster::create`] or [`Cluster::delete`] are never denied.
+    ///
+    /// # Panics
+    ///
+    /// When `verb` is not one of [`VERBS`] or `*`.
+    pub fn forbid(&self, verb: &str, resource: &Resource, namespace: Option<&str>) {
+        let rule = forbid_rule(verb, resource, namespace);
+        let mut rules = self.server.forbidden.lock();
+        if !rules.contains(&rule) {
+            rules.push(rule);
+        }
+    }
+
+    /// Lifts the denial that [`Cluster::forbid`] set with the same arguments. Returns false
+    /// when there was none.
+    ///
+    /// # Panics
+    ///
+    /// When `verb` is not one of [`VERBS`] or `*`.
+    pub fn permit(&self, verb: &str, resource: &Resource, namespace: Option<&str>) -> bool {
+        let rule = forbid_rule(verb, resource, namespace);
+        let mut rules = self.server.forbidden.lock();
+        let before = rules.len();
+        rules.retain(|existing| *existing != rule);
+        rules.len() < before
     }
 
     /// Forgets the event history: a watch resuming from a resourceVersion older than the

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::authorization::{self, Attributes, Rule};
 use crate::node::LogIndex;
 use crate::patch::{self, PatchType};
 use crate::selector::{FieldSelector, LabelSelector, Selectors};
@@ -35,6 +36,8 @@ const MAX_BODY_BYTES: usize = 16 << 20;
 pub struct ServerState {
     pub store: Arc<Store>,
     pub token: String,
+    /// The user name that requests with `token` authenticate as.
+    pub user: String,
     /// Whether requests without an `Authorization` header are served. A wrong token still gets 401.
     pub allow_anonymous: bool,
     pub bookmark_interval: Duration,
@@ -42,6 +45,8 @@ pub struct ServerState {
     pub logs: Arc<LogIndex>,
     /// While true, new watch requests wait before they start.
     pub watches_blocked: watch::Sender<bool>,
+    /// Rules set by `Cluster::forbid`. A request that one of them matches gets 403 Forbidden.
+    pub forbidden: Mutex<Vec<Rule>>,
 }
 
 /// The maximum time a watch request waits for `Cluster::block_watches(false)`.
@@ -203,13 +208,15 @@ async fn handle(state: Arc<ServerState>, request: Request<Incoming>) -> Response
 
     let expected = format!("Bearer {}", state.token);
     let authorization = request.headers().get(http::header::AUTHORIZATION);
-    let authorized = match authorization {
-        Some(value) => value.to_str().is_ok_and(|v| v == expected),
-        None => state.allow_anonymous,
+    let user = match authorization {
+        Some(value) if value.to_str().is_ok_and(|v| v == expected) => Some(state.user.clone()),
+        Some(_) => None,
+        None if state.allow_anonymous => Some(authorization::ANONYMOUS_USER.to_string()),
+        None => None,
     };
-    if !authorized {
+    let Some(user) = user else {
         return status_response(&Status::unauthorized());
-    }
+    };
 
     let (parts, body) = request.into_parts();
     let body = match http_body_util::Limited::new(body, MAX_BODY_BYTES)
@@ -223,7 +230,7 @@ async fn handle(state: Arc<ServerState>, request: Request<Incoming>) -> Response
             )))
         }
     };
-    match route(&state, &parts, &path, &query, watch, &body).await {
+    match route(&state, &parts, &path, &query, watch, &body, &user).await {
         Ok(response) => response,
         Err(status) => status_response(&status),
     }
@@ -236,6 +243,7 @@ async fn route(
     query: &HashMap<String, String>,
     watch: bool,
     body: &Bytes,
+    user: &str,
 ) -> Result<Response<Body>, Status> {
     let segments: Vec<&str> = path
         .trim_matches('/')
@@ -270,11 +278,11 @@ async fn route(
         ["apis", group, version] => get_only(resource::api_resource_list(group, version)),
         ["api", "v1", rest @ ..] => {
             let address = parse_address("", "v1", rest, path)?;
-            serve_resource(state, parts, query, watch, body, address).await
+            serve_resource(state, parts, query, watch, body, address, user).await
         }
         ["apis", group, version, rest @ ..] => {
             let address = parse_address(group, version, rest, path)?;
-            serve_resource(state, parts, query, watch, body, address).await
+            serve_resource(state, parts, query, watch, body, address, user).await
         }
         _ => Err(Status::path_not_found(path)),
     }
@@ -322,7 +330,9 @@ async fn serve_resource(
     watch: bool,
     body: &Bytes,
     address: Address,
+    user: &str,
 ) -> Result<Response<Body>, Status> {
+    authorize(state, &parts.method, watch, &address, user)?;
     let resource = address.resource;
     let namespace = address.namespace.clone().unwrap_or_default();
     let method = &parts.method;
@@ -415,6 +425,53 @@ async fn serve_resource(
         }
         _ => Err(Status::method_not_allowed(method.as_str())),
     }
+}
+
+/// Rejects a request that a rule set by `Cluster::forbid` denies, before anything else about it
+/// is checked, as the real server authorizes before it routes to the object.
+fn authorize(
+    state: &ServerState,
+    method: &Method,
+    watch: bool,
+    address: &Address,
+    user: &str,
+) -> Result<(), Status> {
+    let rules = state.forbidden.lock();
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let named = address.name.is_some();
+    let verb = match *method {
+        Method::GET if watch => "watch",
+        Method::GET if named => "get",
+        Method::GET => "list",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE if named => "delete",
+        Method::DELETE => "deletecollection",
+        // Other methods get 405 later on.
+        _ => return Ok(()),
+    };
+    let name = address.name.as_deref().unwrap_or("");
+    // The real server takes a namespace's own name as the namespace of a request for it.
+    let namespace = match address.namespace.as_deref() {
+        Some(namespace) => namespace,
+        None if address.resource == Resource::NAMESPACES => name,
+        None => "",
+    };
+    let request = Attributes {
+        user,
+        verb,
+        resource: address.resource,
+        subresource: address.subresource.as_deref(),
+        namespace,
+        name,
+    };
+    if rules.iter().any(|rule| rule.matches(&request)) {
+        return Err(authorization::forbidden(&request));
+    }
+    Ok(())
 }
 
 /// Builds the body of a completed delete: the object for pods, services and namespaces, and a

@@ -89,11 +89,15 @@ impl Status {
         Status::new(400, "BadRequest", message)
     }
 
+    /// Builds a 403 status. An empty `name` (a request that names no object) is left out of the
+    /// message and the details, as the real server does.
     pub fn forbidden(resource: &Resource, name: &str, detail: &str) -> Status {
-        let message = format!(
-            "{} \"{name}\" is forbidden: {detail}",
-            Status::qualified(resource)
-        );
+        let qualified = Status::qualified(resource);
+        let message = if name.is_empty() {
+            format!("{qualified} is forbidden: {detail}")
+        } else {
+            format!("{qualified} \"{name}\" is forbidden: {detail}")
+        };
         Status::new(403, "Forbidden", message).about(resource, name)
     }
 
@@ -141,7 +145,10 @@ impl Status {
             "code": self.code,
         });
         if let Some(details) = &self.details {
-            body["details"] = json!({"name": details.name, "kind": details.kind});
+            body["details"] = json!({"kind": details.kind});
+            if !details.name.is_empty() {
+                body["details"]["name"] = json!(details.name);
+            }
             if !details.group.is_empty() {
                 body["details"]["group"] = json!(details.group);
             }

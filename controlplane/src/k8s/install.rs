@@ -217,8 +217,10 @@ pub async fn apply(client: &kube::Client, objects: &[Value]) -> Result<(), Strin
 }
 
 /// Deletes the binding's objects, the namespace `fngate-system` excepted since other bindings
-/// may use it. Objects already gone are skipped.
+/// may use it. Objects already gone are skipped. A failed delete does not stop the others, and
+/// the error lists every failure.
 pub async fn remove(client: &kube::Client, objects: &[Value]) -> Result<(), String> {
+    let mut failures = Vec::new();
     for object in objects.iter().rev() {
         if object["kind"] == "Namespace" {
             continue;
@@ -228,16 +230,18 @@ pub async fn remove(client: &kube::Client, objects: &[Value]) -> Result<(), Stri
         match api.delete(name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(error) => {
-                return Err(format!(
-                    "cannot delete {}: {}",
-                    describe(object),
-                    super::describe_error(&error)
-                ))
-            }
+            Err(error) => failures.push(format!(
+                "cannot delete {}: {}",
+                describe(object),
+                super::describe_error(&error)
+            )),
         }
     }
-    Ok(())
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
 }
 
 /// Reads the binding's status from its agent DaemonSet and the DaemonSet's pods.

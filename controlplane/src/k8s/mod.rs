@@ -55,7 +55,8 @@ pub struct KubeBackend {
 /// A binding with the system objects applied for it and the task that keeps them applied.
 struct Installation {
     binding: KubeBinding,
-    /// Removed again by `unbind`.
+    /// The objects `unbind` removes: those applied for this binding or, after `install` was
+    /// turned off in place, those applied for the binding before.
     system_objects: Vec<serde_json::Value>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -82,9 +83,10 @@ fn same_connection(old: &KubeBinding, new: &KubeBinding) -> bool {
 
 impl KubeBackend {
     /// Connects to the binding's cluster and starts the pod watcher, which routes through
-    /// `router`. Fails when the kubeconfig cannot be read or names no usable context. The
-    /// cluster itself is not contacted here, so an unreachable API shows up as watch errors
-    /// and an unready `/readyz`.
+    /// `router`. Fails when the kubeconfig cannot be read or names no usable context, or when
+    /// the cluster reports the k8s namespace missing. An unreachable API is no reason to fail:
+    /// it shows up as watch errors and an unready `/readyz`. The system components are applied
+    /// only from [`KubeBackend::start_install`] on.
     pub async fn connect(
         function_namespace: &str,
         binding: &KubeBinding,
@@ -136,8 +138,15 @@ impl KubeBackend {
             }),
             status,
         };
-        *backend.current.lock() = backend.install(binding);
         Ok(backend)
+    }
+
+    /// Starts keeping the binding's system components applied, when `install` is set, and
+    /// reporting the binding's status.
+    pub fn start_install(&self) {
+        let binding = self.current.lock().binding.clone();
+        let installation = self.install(&binding);
+        *self.current.lock() = installation;
     }
 
     /// Starts keeping the binding's system components applied, when `install` is set.
@@ -277,39 +286,62 @@ impl InstanceBackend for KubeBackend {
         if !same_connection(&self.current.lock().binding, new) {
             return false;
         }
-        let installation = self.install(new);
-        // Dropping the previous installation stops its task; the new one applies the same
-        // object names, so nothing is removed.
-        *self.current.lock() = installation;
+        let mut installation = self.install(new);
+        let mut current = self.current.lock();
+        // Dropping the previous installation stops its task. The new one applies the same
+        // object names, so nothing is removed. A binding that no longer installs leaves the
+        // applied objects in the cluster, and keeps their list so that `unbind` removes them.
+        if installation.system_objects.is_empty() {
+            installation.system_objects = std::mem::take(&mut current.system_objects);
+        }
+        *current = installation;
+        drop(current);
         tracing::info!(k8s_namespace = %new.namespace, "binding changed; new pods follow it");
         true
     }
 
     fn unbind(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let (objects, namespace) = {
+            let (objects, binding) = {
                 let mut current = self.current.lock();
                 if let Some(task) = current.task.take() {
                     task.abort();
                 }
                 (
                     std::mem::take(&mut current.system_objects),
-                    current.binding.namespace.clone(),
+                    current.binding.clone(),
                 )
             };
             if objects.is_empty() {
                 return;
             }
+            let function_namespace = &self.function_namespace;
+            let namespace = &binding.namespace;
+            let cluster = describe_cluster(&binding);
             let removal = install::remove(&self.client, &objects);
-            match tokio::time::timeout(API_CALL_LIMIT * 4, removal).await {
-                Ok(Ok(())) => tracing::info!(k8s_namespace = %namespace,
+            match tokio::time::timeout(REMOVAL_LIMIT, removal).await {
+                Ok(Ok(())) => tracing::info!(namespace = %function_namespace,
+                    k8s_namespace = %namespace, %cluster,
                     "removed the binding's system components"),
-                Ok(Err(error)) => tracing::warn!(k8s_namespace = %namespace,
-                    error = %error, "cannot remove the binding's system components"),
-                Err(_) => tracing::warn!(k8s_namespace = %namespace,
-                    "kube API did not respond while removing the binding's system components"),
+                Ok(Err(error)) => tracing::warn!(namespace = %function_namespace,
+                    k8s_namespace = %namespace, %cluster, error = %error,
+                    "cannot remove the binding's system components; delete what remains by hand"),
+                Err(_) => tracing::warn!(namespace = %function_namespace,
+                    k8s_namespace = %namespace, %cluster, timeout_s = REMOVAL_LIMIT.as_secs(),
+                    "kube API did not respond while removing the binding's system components; \
+                     delete what remains by hand"),
             }
         })
+    }
+}
+
+/// Describes the cluster a binding connects to, for logs: the kubeconfig and context, or the
+/// in-cluster service account.
+fn describe_cluster(binding: &KubeBinding) -> String {
+    match (&binding.kubeconfig, &binding.context) {
+        (Some(path), Some(context)) => format!("{} context {context}", path.display()),
+        (Some(path), None) => format!("{} current context", path.display()),
+        (None, _) => "in-cluster service account".to_owned(),
     }
 }
 
@@ -395,6 +427,10 @@ pub fn describe_error(error: &kube::Error) -> String {
 /// Maximum time a drain mark or a delete request may take before fngate gives up on it, so an
 /// unresponsive API server cannot hold up scaling down or shutting down.
 const API_CALL_LIMIT: Duration = Duration::from_secs(5);
+
+/// Maximum time for removing a binding's system components, which holds up the namespace's
+/// deletion or rebind.
+const REMOVAL_LIMIT: Duration = Duration::from_secs(20);
 
 /// Returns the owner id of this process's pods, random per process: a restarted control plane
 /// does not route the pods of its previous run, and deletes them.
