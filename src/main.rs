@@ -114,6 +114,10 @@ struct ServeArgs {
     /// Address of the support service port, where clients invoke functions.
     #[arg(long, env = "FNGATE_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Proxy worker threads, each with its own listener on the support service port
+    /// (SO_REUSEPORT) and its own single-threaded runtime; 0 means one per CPU.
+    #[arg(long, env = "FNGATE_PROXY_THREADS", default_value_t = 0)]
+    proxy_threads: usize,
     /// Address of the admin listener (/metrics, /healthz, /readyz).
     #[arg(long, env = "FNGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
     admin_listen: SocketAddr,
@@ -185,7 +189,14 @@ async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = fngate_proxy::metrics::install_recorder();
-    let proxy_listener = bind(args.listen, "--listen").await?;
+    let proxy_threads = match args.proxy_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        threads => threads,
+    };
+    // Sized before any instance exists, so each worker gets its own instance connections.
+    server::set_worker_threads(proxy_threads);
+    let proxy_listeners = server::bind_workers(args.listen, proxy_threads)
+        .with_context(|| format!("failed to bind --listen {}", args.listen))?;
     let admin_listener = bind(args.admin_listen, "--admin-listen").await?;
     let api_listener = bind(args.api_listen, "--api-listen").await?;
 
@@ -229,15 +240,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let proxy_addr = proxy_listener.local_addr()?;
+    let proxy_addr = proxy_listeners[0].local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let grace = Duration::from_millis(args.shutdown_grace_ms);
-    let proxy_task = tokio::spawn(server::serve_proxy(
-        proxy_listener,
-        Arc::clone(&proxy),
-        stopped(stop_rx.clone()),
-        grace,
-    ));
+    let workers =
+        server::spawn_workers(proxy_listeners, Arc::clone(&proxy), stop_rx.clone(), grace)
+            .context("failed to start the proxy worker threads")?;
     tokio::spawn(server::serve_admin(
         admin_listener,
         Admin {
@@ -267,7 +275,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!("shutting down: draining connections, then stopping instances");
     let _ = stop_tx.send(true);
-    let _ = proxy_task.await;
+    workers.stopped().await;
     platform.shutdown().await;
     let _ = admin_stop_tx.send(true);
     tracing::info!("stopped");

@@ -36,6 +36,99 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Binds `threads` TCP listeners to `addr` with `SO_REUSEPORT`, one per proxy worker thread; the
+/// kernel spreads new connections across them. With port 0 the first listener picks the port and
+/// the others bind to it. Linux admits only sockets of the same user into the group.
+pub fn bind_workers(
+    addr: SocketAddr,
+    threads: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    let mut listeners = Vec::with_capacity(threads.max(1));
+    for _ in 0..threads.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        let listener = std::net::TcpListener::from(socket);
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Sizes each instance's connection lists for `threads` proxy workers. Call it before the first
+/// instance is created; [`spawn_workers`] calls it too, for when nothing did.
+pub fn set_worker_threads(threads: usize) {
+    crate::upstream::worker::set_count(threads);
+}
+
+/// Proxy worker threads started by [`spawn_workers`].
+pub struct Workers {
+    done: Vec<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Workers {
+    /// Resolves once every worker has drained its connections and stopped.
+    pub async fn stopped(self) {
+        for done in self.done {
+            let _ = done.await;
+        }
+    }
+}
+
+/// Serves the proxy on one thread per listener, each with its own single-threaded tokio runtime.
+/// A client connection, the requests on it and the instance connections they use then stay on
+/// one thread, so forwarding a request needs no wake-up across threads. Each worker stops as
+/// [`serve_proxy`] does once `stop` turns true.
+pub fn spawn_workers(
+    listeners: Vec<std::net::TcpListener>,
+    proxy: Arc<Proxy>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    grace: Duration,
+) -> std::io::Result<Workers> {
+    if !crate::upstream::worker::set_count(listeners.len()) {
+        tracing::debug!(
+            threads = listeners.len(),
+            "instance connection lists were sized before the workers started; workers share them"
+        );
+    }
+    let mut done = Vec::with_capacity(listeners.len());
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let proxy = Arc::clone(&proxy);
+        let mut stop = stop.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("fngate-proxy-{index}"))
+            .spawn(move || {
+                crate::upstream::worker::enter(index);
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(error) => {
+                            tracing::error!(%error, worker = index, "proxy worker cannot use its listener");
+                            return;
+                        }
+                    };
+                    let shutdown = async move {
+                        let _ = stop.wait_for(|stop| *stop).await;
+                    };
+                    serve_proxy(listener, proxy, shutdown, grace).await;
+                });
+                // Connection tasks still open after the forced close end with the runtime.
+                drop(runtime);
+                let _ = done_tx.send(());
+            })?;
+        done.push(done_rx);
+    }
+    Ok(Workers { done })
+}
+
 /// Serves the proxy on `listener` until `shutdown` resolves, then stops accepting and lets open
 /// requests finish for up to `grace`. After that, queued requests get 503 and every connection
 /// still open is closed.

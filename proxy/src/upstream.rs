@@ -23,46 +23,91 @@ pub(crate) type Sender = SendRequest<UpstreamBody>;
 /// How long a TCP connect to an instance may take before the instance counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Idle keep-alive connections to one instance. Holds at most as many as the instance has slots,
-/// since HTTP/1.1 carries one request per connection at a time.
+/// Idle keep-alive connections to one instance, one list per proxy worker thread.
+///
+/// hyper drives each connection from a task on the runtime that opened it. On a single-threaded
+/// worker runtime, a request that reused another worker's connection would wake that worker twice
+/// per request, so a worker reuses only its own connections and opens new ones otherwise. Each
+/// list holds at most as many connections as the instance has slots, since HTTP/1.1 carries one
+/// request per connection at a time. Outside worker threads (a multi-threaded runtime, tests) all
+/// callers share the first list.
 pub(crate) struct ConnPool {
-    idle: Mutex<Vec<Sender>>,
+    idle: Box<[Mutex<Vec<Sender>>]>,
     max_idle: usize,
 }
 
 impl std::fmt::Debug for ConnPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnPool")
-            .field("idle", &self.idle.lock().len())
-            .finish()
+        let idle: usize = self.idle.iter().map(|list| list.lock().len()).sum();
+        f.debug_struct("ConnPool").field("idle", &idle).finish()
     }
 }
 
 impl ConnPool {
     pub(crate) fn new(max_idle: usize) -> Self {
+        let lists = worker::count();
         ConnPool {
-            idle: Mutex::new(Vec::with_capacity(max_idle.min(64))),
+            idle: (0..lists).map(|_| Mutex::new(Vec::new())).collect(),
             max_idle,
         }
     }
 
-    fn take(&self) -> Option<Sender> {
-        self.idle.lock().pop()
+    fn own(&self) -> &Mutex<Vec<Sender>> {
+        &self.idle[worker::index() % self.idle.len()]
     }
 
-    /// Returns a connection whose last response was read to the end.
+    fn take(&self) -> Option<Sender> {
+        self.own().lock().pop()
+    }
+
+    /// Returns a connection whose last response was read to the end. Called on the thread that
+    /// took or opened it: tasks on a worker's single-threaded runtime never move.
     pub(crate) fn put(&self, sender: Sender) {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock();
+        let mut idle = self.own().lock();
         if idle.len() < self.max_idle {
             idle.push(sender);
         }
     }
 
     pub(crate) fn clear(&self) {
-        self.idle.lock().clear();
+        for list in self.idle.iter() {
+            list.lock().clear();
+        }
+    }
+}
+
+/// The index of the proxy worker thread running the current code, for [`ConnPool`].
+pub(crate) mod worker {
+    use std::cell::Cell;
+    use std::sync::OnceLock;
+
+    thread_local! {
+        static INDEX: Cell<usize> = const { Cell::new(0) };
+    }
+
+    static COUNT: OnceLock<usize> = OnceLock::new();
+
+    /// Number of connection lists per instance. Fixed at the first call: by
+    /// [`set_count`] when the process runs worker threads, otherwise 1.
+    pub(crate) fn count() -> usize {
+        *COUNT.get_or_init(|| 1)
+    }
+
+    /// Sets the number of worker threads before any instance exists. Returns false when the
+    /// count was already fixed to another value.
+    pub(crate) fn set_count(threads: usize) -> bool {
+        *COUNT.get_or_init(|| threads.max(1)) == threads.max(1)
+    }
+
+    pub(crate) fn index() -> usize {
+        INDEX.with(Cell::get)
+    }
+
+    pub(crate) fn enter(index: usize) {
+        INDEX.with(|cell| cell.set(index));
     }
 }
 
