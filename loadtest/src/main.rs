@@ -9,6 +9,12 @@ use fngate_loadtest::report::{self, Report};
 use fngate_loadtest::settings::{CommonArgs, Settings};
 use fngate_loadtest::{churn, cold, table_scale, upstream, warm};
 
+/// The allocator of the `fngate` binary. The churn and table-scale scenarios run fngate's proxy
+/// library in this process, so they measure it with the allocator it ships with: under glibc's
+/// allocator, one upsert into a 100k-function table took 6 ms instead of 0.1 ms.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "fngate-loadtest",
