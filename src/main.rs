@@ -29,6 +29,10 @@ use tokio::sync::watch;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Most proxy worker threads. Every instance keeps one idle-connection list per worker, so the
+/// bound also bounds that per-instance memory (about 32 bytes per worker).
+const MAX_PROXY_THREADS: usize = 256;
+
 #[derive(Parser)]
 #[command(
     name = "fngate",
@@ -116,8 +120,9 @@ struct ServeArgs {
     listen: SocketAddr,
     /// Proxy worker threads, each with its own listener on the support service port
     /// (SO_REUSEPORT) and its own single-threaded runtime; 0 means one per CPU.
-    #[arg(long, env = "FNGATE_PROXY_THREADS", default_value_t = 0)]
-    proxy_threads: usize,
+    #[arg(long, env = "FNGATE_PROXY_THREADS", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=MAX_PROXY_THREADS as i64))]
+    proxy_threads: u16,
     /// Address of the admin listener (/metrics, /healthz, /readyz).
     #[arg(long, env = "FNGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
     admin_listen: SocketAddr,
@@ -189,8 +194,10 @@ async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = fngate_proxy::metrics::install_recorder();
-    let proxy_threads = match args.proxy_threads {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
+    let proxy_threads = match usize::from(args.proxy_threads) {
+        0 => std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(MAX_PROXY_THREADS),
         threads => threads,
     };
     // Sized before any instance exists, so each worker gets its own instance connections.

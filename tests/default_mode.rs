@@ -519,3 +519,18 @@ async fn sigterm_drains_in_flight_requests() {
     );
     assert!(!process_alive(pid), "instance outlived the platform");
 }
+
+/// A worker count above the bound is rejected at parse time, with the flag and the valid range.
+#[test]
+fn proxy_threads_above_bound_rejected() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fngate"))
+        .args(["serve", "--proxy-threads", "257"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--api-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "fngate started with 257 workers");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--proxy-threads"), "{stderr}");
+    assert!(stderr.contains("0..=256"), "{stderr}");
+}
