@@ -13,6 +13,8 @@ use crate::model::FunctionSpec;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+pub use fngate_proxy::pod_watch::LOCAL_REPLICA;
+
 /// Input a backend needs to start one instance.
 #[derive(Debug, Clone)]
 pub struct StartRequest {
@@ -24,6 +26,9 @@ pub struct StartRequest {
     /// SHA-256 of the code package (64 hex digits); `None` for a directory source. In k8s
     /// mode the node agent fetches the package by it.
     pub code_digest: Option<String>,
+    /// The proxy replica that routes to the instance; [`LOCAL_REPLICA`] for the proxy inside
+    /// this process. k8s mode labels the pod with it.
+    pub replica: String,
 }
 
 impl StartRequest {

@@ -203,6 +203,7 @@ impl Scaler {
             function: Arc::clone(spec),
             code_dir: resolved.code_dir.clone(),
             code_digest: resolved.code_digest.clone(),
+            replica: crate::backend::LOCAL_REPLICA.to_owned(),
         };
         let backend = Arc::clone(&self.parts.backend);
         let events = self.events_tx.clone();

@@ -75,6 +75,7 @@ impl Fixture {
             function: Arc::new(spec),
             code_dir: self.code_dir.clone(),
             code_digest: None,
+            replica: fngate_controlplane::backend::LOCAL_REPLICA.to_owned(),
         }
     }
 
@@ -808,6 +809,7 @@ async fn local_examples_listen_on_instance_ip() {
                 function: Arc::new(fixture.spec(kind, EventRuntime::Image)),
                 code_dir: examples.join(example),
                 code_digest: None,
+                replica: fngate_controlplane::backend::LOCAL_REPLICA.to_owned(),
             };
 
             let instance = start_ok(&backend, request).await;

@@ -43,6 +43,11 @@ pub const LABEL_FUNCTION: &str = "fngate.io/function";
 pub const LABEL_QUALIFIER: &str = "fngate.io/qualifier";
 /// Label with the control plane's instance id.
 pub const LABEL_INSTANCE: &str = "fngate.io/instance";
+/// Label naming the proxy replica that routes to the pod. Each pod has one, so each slot is
+/// counted by one proxy.
+pub const LABEL_REPLICA: &str = "fngate.io/replica";
+/// Replica name of the proxy inside the `fngate serve` process.
+pub const LOCAL_REPLICA: &str = "local";
 /// Annotations with the exact function namespace, name and qualifier, which route the pod.
 pub const ANNOTATION_NAMESPACE: &str = "fngate.io/namespace";
 pub const ANNOTATION_FUNCTION: &str = "fngate.io/function";
@@ -85,6 +90,9 @@ pub struct WatchConfig {
     pub runtime_port: u16,
     /// Routes only pods whose [`ANNOTATION_OWNER`] has this value; `None` routes every pod.
     pub owner: Option<String>,
+    /// Lists and routes only pods whose [`LABEL_REPLICA`] has this value; `None` takes the pods
+    /// of every replica.
+    pub replica: Option<String>,
     /// Routes only pods of this function namespace; `None` routes pods of every namespace.
     /// Several function namespaces may share one k8s namespace, each with its own watcher.
     pub function_namespace: Option<String>,
@@ -150,6 +158,7 @@ struct PodView {
     deleting: bool,
     draining: bool,
     owner: Option<String>,
+    replica: Option<String>,
     failure: Option<PodFailure>,
     waiting: Option<String>,
 }
@@ -213,6 +222,11 @@ impl PodView {
             deleting: meta.deletion_timestamp.is_some(),
             draining: annotation(ANNOTATION_DRAINING).as_deref() == Some("true"),
             owner: annotation(ANNOTATION_OWNER),
+            replica: meta
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(LABEL_REPLICA))
+                .cloned(),
             failure,
             waiting,
         })
@@ -377,7 +391,10 @@ impl PodWatcher {
 }
 
 async fn run(api: Api<Pod>, config: WatchConfig, router: Arc<Router>, shared: Arc<Shared>) {
-    let selector = format!("{LABEL_MANAGED_BY}={MANAGED_BY}");
+    let mut selector = format!("{LABEL_MANAGED_BY}={MANAGED_BY}");
+    if let Some(replica) = &config.replica {
+        selector.push_str(&format!(",{LABEL_REPLICA}={replica}"));
+    }
     let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<String>();
     let mut tracker = Tracker {
         pods: HashMap::new(),
@@ -387,6 +404,7 @@ async fn run(api: Api<Pod>, config: WatchConfig, router: Arc<Router>, shared: Ar
         probe_tx,
         port: config.runtime_port,
         owner: config.owner.clone(),
+        replica: config.replica.clone(),
         function_namespace: config.function_namespace.clone(),
     };
     loop {
@@ -428,6 +446,7 @@ struct Tracker {
     probe_tx: mpsc::UnboundedSender<String>,
     port: u16,
     owner: Option<String>,
+    replica: Option<String>,
     function_namespace: Option<String>,
 }
 
@@ -580,6 +599,7 @@ impl Tracker {
                 .ok()
         });
         let owned = (self.owner.is_none() || view.owner == self.owner)
+            && (self.replica.is_none() || view.replica == self.replica)
             && self.function_namespace.as_ref().is_none_or(|namespace| {
                 view.key.as_ref().map(|key| &key.namespace) == Some(namespace)
             });

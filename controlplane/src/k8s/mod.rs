@@ -113,6 +113,7 @@ impl KubeBackend {
                 resync_interval: Duration::from_millis(binding.resync_interval_ms),
                 runtime_port: fngate_proxy::pod_watch::RUNTIME_PORT,
                 owner: Some(owner.clone()),
+                replica: Some(crate::backend::LOCAL_REPLICA.to_owned()),
                 function_namespace: Some(function_namespace.to_owned()),
             },
             router,

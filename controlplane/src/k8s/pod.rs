@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use fngate_proxy::pod_watch::{
     ANNOTATION_FUNCTION, ANNOTATION_NAMESPACE, ANNOTATION_QUALIFIER, LABEL_FUNCTION,
-    LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAMESPACE, LABEL_QUALIFIER, MANAGED_BY, RUNTIME_PORT,
+    LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAMESPACE, LABEL_QUALIFIER, LABEL_REPLICA, MANAGED_BY,
+    RUNTIME_PORT,
 };
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
@@ -150,6 +151,7 @@ pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Pat
                 LABEL_FUNCTION: label_value(&spec.name),
                 LABEL_QUALIFIER: "latest",
                 LABEL_INSTANCE: request.instance_id.to_string(),
+                LABEL_REPLICA: request.replica,
             },
             "annotations": annotations,
         },
@@ -240,6 +242,7 @@ mod tests {
             function: Arc::new(spec),
             code_dir: PathBuf::from("/srv/fngate/default/hello/abc"),
             code_digest: None,
+            replica: crate::backend::LOCAL_REPLICA.to_owned(),
         }
     }
 
@@ -300,6 +303,7 @@ mod tests {
         let meta = &pod.metadata;
         let labels = meta.labels.as_ref().unwrap();
         assert_eq!(labels[LABEL_FUNCTION], "Hello_World");
+        assert_eq!(labels[LABEL_REPLICA], crate::backend::LOCAL_REPLICA);
         assert_eq!(
             meta.annotations.as_ref().unwrap()[ANNOTATION_FUNCTION],
             "Hello_World-"

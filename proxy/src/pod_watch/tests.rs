@@ -146,6 +146,7 @@ mod tracker {
             probe_tx,
             port,
             owner: None,
+            replica: None,
             function_namespace: None,
         };
         (tracker, probe_rx)
@@ -389,6 +390,30 @@ mod tracker {
             vec![
                 Ok(Event::Apply(owned_by("u1", "10.0.0.1", "previous"))),
                 Ok(Event::Apply(owned_by("u2", "10.0.0.2", "current"))),
+                Ok(Event::Apply(running("u3", "u3", "a", "10.0.0.3", true))),
+            ],
+            "runtime",
+        );
+        assert_eq!(pool_addrs(&router, "a"), ["10.0.0.2:9000"]);
+    }
+
+    #[tokio::test]
+    async fn pods_of_another_replica_are_never_routed() {
+        let router = router_with(&["a"]);
+        let (mut tracker, _probes) = tracker(&router, 9000);
+        tracker.replica = Some("proxy-1".to_owned());
+        let of_replica = |uid: &str, ip: &str, replica: &str| {
+            let mut pod = running(uid, uid, "a", ip, true);
+            pod.metadata
+                .labels
+                .get_or_insert_with(Default::default)
+                .insert(LABEL_REPLICA.to_owned(), replica.to_owned());
+            pod
+        };
+        tracker.apply(
+            vec![
+                Ok(Event::Apply(of_replica("u1", "10.0.0.1", "proxy-2"))),
+                Ok(Event::Apply(of_replica("u2", "10.0.0.2", "proxy-1"))),
                 Ok(Event::Apply(running("u3", "u3", "a", "10.0.0.3", true))),
             ],
             "runtime",
