@@ -114,6 +114,19 @@ impl Instance {
         }
     }
 
+    /// Sets the load a proxy replica reported for this instance, on a control-plane mirror that
+    /// takes no requests itself: the requests in flight, and the time since the last one
+    /// finished. Wakes a drain waiting for the instance to go idle.
+    pub fn set_reported_usage(&self, in_flight: u32, idle_for: Duration) {
+        self.in_flight.store(in_flight, SeqCst);
+        let idle_ms = u64::try_from(idle_for.as_millis()).unwrap_or(u64::MAX);
+        self.last_released_ms
+            .store(now_ms().saturating_sub(idle_ms), SeqCst);
+        if in_flight == 0 {
+            self.idle.notify_waiters();
+        }
+    }
+
     /// Waits until no request is in flight. Meant for draining instances.
     pub async fn wait_idle(&self) {
         loop {

@@ -101,6 +101,9 @@ pub struct Pool {
     start_failure: ArcSwapOption<StartFailure>,
     /// Why the scaler cannot add capacity right now, for the queue-budget error message.
     capacity_note: ArcSwapOption<String>,
+    /// Demand a proxy replica reported, on a control-plane mirror of the replica's pool. Such a
+    /// pool takes no requests, so the scaler reads the replica's demand from it instead.
+    reported: Mutex<Option<Demand>>,
     demand_changed: Notify,
 }
 
@@ -171,14 +174,29 @@ impl Pool {
             queue_limit: AtomicUsize::new(queue_limit),
             start_failure: ArcSwapOption::empty(),
             capacity_note: ArcSwapOption::empty(),
+            reported: Mutex::new(None),
             demand_changed: Notify::new(),
         })
     }
 
+    /// Returns the requests in flight and queued: this pool's own, or on a mirror pool the
+    /// last demand its replica reported.
     pub fn demand(&self) -> Demand {
+        if let Some(reported) = *self.reported.lock() {
+            return reported;
+        }
         Demand {
             in_flight: self.in_flight.load(SeqCst),
             queued: self.waiting.load(SeqCst),
+        }
+    }
+
+    /// Makes this pool a mirror of a proxy replica's pool and sets the demand the replica
+    /// reported. Wakes the scaler when the demand changed.
+    pub fn set_reported_demand(&self, demand: Demand) {
+        let previous = self.reported.lock().replace(demand);
+        if previous != Some(demand) {
+            self.demand_changed.notify_one();
         }
     }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fngate_proxy::{AcquireError, Instance, InstanceState, Pool};
+use fngate_proxy::{AcquireError, Demand, Instance, InstanceState, Pool};
 use proptest::prelude::*;
 use tokio::time::Instant;
 
@@ -222,6 +222,60 @@ async fn draining_keeps_in_flight_until_released() {
     drop(permit);
     idle.await.unwrap();
     assert_eq!(pool.demand().in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reported_demand_wakes_scaler() {
+    let pool = Pool::new(10);
+    let demand = Demand {
+        in_flight: 3,
+        queued: 2,
+    };
+    pool.set_reported_demand(demand);
+    tokio::time::timeout(Duration::from_secs(1), pool.demand_changed())
+        .await
+        .expect("a new reported demand did not wake the scaler");
+    assert_eq!(pool.demand(), demand);
+
+    // The same report again is no change.
+    pool.set_reported_demand(demand);
+    let woken = tokio::time::timeout(Duration::from_secs(1), pool.demand_changed()).await;
+    assert!(woken.is_err(), "an unchanged report woke the scaler");
+
+    pool.set_reported_demand(Demand::default());
+    tokio::time::timeout(Duration::from_secs(1), pool.demand_changed())
+        .await
+        .expect("a drop to zero did not wake the scaler");
+    assert_eq!(pool.demand().total(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reported_usage_drives_drain_and_idle_time() {
+    let inst = instance(1, 4);
+    inst.set_reported_usage(2, Duration::ZERO);
+    inst.set_state(InstanceState::Draining);
+    let idle = {
+        let inst = Arc::clone(&inst);
+        tokio::spawn(async move { inst.wait_idle().await })
+    };
+    tokio::task::yield_now().await;
+    assert!(
+        !idle.is_finished(),
+        "drain finished while the replica reported requests in flight"
+    );
+    assert_eq!(inst.in_flight(), 2);
+
+    tokio::time::advance(Duration::from_secs(30)).await;
+    inst.set_reported_usage(0, Duration::from_secs(20));
+    tokio::time::timeout(Duration::from_secs(1), idle)
+        .await
+        .expect("a report of no requests in flight did not end the drain")
+        .unwrap();
+    let idle_for = inst.idle_for();
+    assert!(
+        idle_for >= Duration::from_secs(20) && idle_for < Duration::from_secs(21),
+        "idle for {idle_for:?}, reported 20 s"
+    );
 }
 
 #[tokio::test(start_paused = true)]
