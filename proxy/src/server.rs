@@ -165,6 +165,7 @@ pub async fn serve_proxy(
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(&peer, request).await) }
         });
         let connection = http1::Builder::new()
+            .max_buf_size(crate::upstream::MAX_READ_BUFFER)
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(stream), service)
