@@ -38,11 +38,20 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Binds `threads` TCP listeners to `addr` with `SO_REUSEPORT`, one per proxy worker thread; the
 /// kernel spreads new connections across them. With port 0 the first listener picks the port and
-/// the others bind to it. Linux admits only sockets of the same user into the group.
+/// the others bind to it.
+///
+/// Linux admits any socket of the same user with `SO_REUSEPORT` into the group, so a second
+/// fngate on the same port would silently take part of the connections. A fixed port is first
+/// bound without `SO_REUSEPORT`, which fails while anything listens on it.
 pub fn bind_workers(
     addr: SocketAddr,
     threads: usize,
 ) -> std::io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+    }
     let mut addr = addr;
     let mut listeners = Vec::with_capacity(threads.max(1));
     for _ in 0..threads.max(1) {

@@ -146,3 +146,18 @@ async fn workers_keep_own_instance_connections() {
         "the support service port still accepts connections after the workers stopped"
     );
 }
+
+#[test]
+fn second_group_on_port_rejected() {
+    let first = server::bind_workers("127.0.0.1:0".parse().unwrap(), WORKERS).unwrap();
+    let addr = first[0].local_addr().unwrap();
+    let second = server::bind_workers(addr, WORKERS);
+    assert_eq!(
+        second.map(|listeners| listeners.len()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::AddrInUse),
+        "a second set of workers joined the listeners on {addr}"
+    );
+    drop(first);
+    let again = server::bind_workers(addr, WORKERS).expect("port still taken after closing");
+    assert_eq!(again.len(), WORKERS);
+}
