@@ -1332,6 +1332,65 @@ async fn binding_node_selector_change_moves_new_pods() {
     );
 }
 
+/// A namespace change rejected for its quota leaves the binding as it was: the next pod keeps
+/// the old placement instead of the rejected node selector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_namespace_change_keeps_placement() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start_sim(dir, "", &web_toml("site", &code, "memory_mb = 128")).await;
+
+    let mut namespace = get(env.fngate.api, "/v1/namespaces/default").await.json();
+    namespace.as_object_mut().unwrap().remove("status");
+    namespace["memory_quota_mb"] = json!(64);
+    namespace["kubernetes"]["node_selector"] = json!({"fngate.io/pool": "nowhere"});
+    let rejected = put_json(env.fngate.api, "/v1/namespaces/default", &namespace).await;
+    assert_eq!(rejected.status, 409, "{}", rejected.text());
+
+    let reply = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let pod = env.only_pod().await;
+    let selector = pod.spec.as_ref().unwrap().node_selector.clone();
+    assert!(
+        selector
+            .as_ref()
+            .is_none_or(|s| !s.contains_key("fngate.io/pool")),
+        "the rejected node selector reached the pod: {selector:?}"
+    );
+}
+
+/// Two function namespaces cannot both install the system components of one k8s namespace:
+/// deleting either would remove the other's node agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_install_target_rejected() {
+    let dir = tempdir();
+    let binding = agent_binding(&dir.path().join("kubeconfig"), &dir.path().join("node"));
+    let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, fngate_image())];
+    let env = Env::start(Target::Sim { nodes }, dir, &binding, "").await;
+
+    let body = json!({
+        "kubernetes": {
+            "kubeconfig": env.kubeconfig,
+            "context": "kubesim",
+            "namespace": env.namespace,
+            "install": true,
+        }
+    });
+    let second = put_json(env.fngate.api, "/v1/namespaces/team2", &body).await;
+    assert_eq!(second.status, 409, "{}", second.text());
+    let message = second.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains("\"default\""), "{message}");
+    assert!(message.contains("install = false"), "{message}");
+
+    let mut without_install = body.clone();
+    without_install["kubernetes"]["install"] = json!(false);
+    let accepted = put_json(env.fngate.api, "/v1/namespaces/team2", &without_install).await;
+    assert_eq!(accepted.status, 201, "{}", accepted.text());
+}
+
 /// A pod deleted by someone else while it starts (an eviction, say) is replaced at once, and the
 /// request that waited for it is served by the replacement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

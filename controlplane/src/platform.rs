@@ -90,6 +90,36 @@ pub struct Platform {
     generations: AtomicU64,
 }
 
+/// Rejects a binding that would install the system components of a k8s namespace for which
+/// another function namespace already installs them: both would apply the same objects, and
+/// deleting either would remove the other's node agents.
+fn check_install_unshared(
+    spec: &NamespaceSpec,
+    namespaces: &BTreeMap<String, NamespaceEntry>,
+) -> Result<(), PlatformError> {
+    let Some(binding) = spec.kubernetes.as_ref().filter(|b| b.install) else {
+        return Ok(());
+    };
+    let other = namespaces.values().find(|entry| {
+        entry.spec.name != spec.name
+            && entry.spec.kubernetes.as_ref().is_some_and(|other| {
+                other.install
+                    && other.namespace == binding.namespace
+                    && other.kubeconfig == binding.kubeconfig
+                    && other.context == binding.context
+            })
+    });
+    match other {
+        Some(other) => Err(PlatformError::Conflict(format!(
+            "namespace {:?} already installs the system components for k8s namespace {:?} of \
+             this cluster; bind {:?} to another k8s namespace, or set install = false on one of \
+             them",
+            other.spec.name, binding.namespace, spec.name
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Platform {
     pub fn new(
         config: PlatformConfig,
@@ -119,6 +149,13 @@ impl Platform {
         // `previous` is the backend that a rebind replaces.
         let (rebind, previous) = {
             let namespaces = self.namespaces.lock();
+            // Checked before anything changes, so a rejected put leaves the binding as it was.
+            if let Some(entry) = namespaces.get(&spec.name) {
+                let functions: Vec<&FunctionSpec> =
+                    entry.functions.values().map(|f| f.spec.as_ref()).collect();
+                crate::validate::quota_fits_functions(&spec, &functions)?;
+            }
+            check_install_unshared(&spec, &namespaces)?;
             match namespaces.get(&spec.name) {
                 Some(entry) if entry.spec.kubernetes != spec.kubernetes => {
                     if entry.backend.update_binding(&spec) {

@@ -153,7 +153,9 @@ fn second_group_on_port_rejected() {
     let addr = first[0].local_addr().unwrap();
     let second = server::bind_workers(addr, WORKERS);
     assert_eq!(
-        second.map(|listeners| listeners.len()).map_err(|e| e.kind()),
+        second
+            .map(|listeners| listeners.len())
+            .map_err(|e| e.kind()),
         Err(std::io::ErrorKind::AddrInUse),
         "a second set of workers joined the listeners on {addr}"
     );
