@@ -977,6 +977,45 @@ async fn binding_forbidden_by_rbac_recovers_when_permitted() {
     );
 }
 
+/// A status check that RBAC denies reading the agent DaemonSet fails the binding with that
+/// reason, instead of leaving it Initializing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_status_read_fails_binding() {
+    let dir = tempdir();
+    let node_dir = dir.path().join("node");
+    let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, fngate_image())];
+    let env = Env::start(Target::Sim { nodes }, dir, "", "").await;
+    env.sim()
+        .forbid("get", &Resource::DAEMONSETS, Some("fngate-system"));
+
+    let body = json!({
+        "kubernetes": {
+            "kubeconfig": env.kubeconfig,
+            "context": "kubesim",
+            "namespace": env.namespace,
+            "install": true,
+            "agent_image": FNGATE_IMAGE,
+            "agent_kubeconfig": env.kubeconfig,
+            "function_dir": node_dir,
+            "resync_interval_ms": 1000,
+        }
+    });
+    let created = put_json(env.fngate.api, "/v1/namespaces/agents", &body).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+
+    let status = wait_namespace_phase(&env, "agents", "Failed").await;
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.starts_with("forbidden by RBAC"), "{reason}");
+    assert!(
+        reason.contains("cannot read DaemonSet fngate-system/fngate-agent-"),
+        "{reason}"
+    );
+    assert!(
+        !reason.contains("Status {"),
+        "debug output in the reason: {reason}"
+    );
+}
+
 /// Returns the system objects that a binding to the k8s namespace `runtime` installs, as the
 /// kind, the namespace and the name.
 fn agent_objects(runtime: &str) -> Vec<(Resource, String, String)> {

@@ -253,8 +253,17 @@ pub async fn status(client: &kube::Client, binding: &KubeBinding) -> BindingStat
         Ok(None) => {
             return BindingStatus::initializing(format!("DaemonSet {name} not created yet"))
         }
+        Err(kube::Error::Api(status)) if status.code == 403 => {
+            return BindingStatus::failed(format!(
+                "forbidden by RBAC: cannot read DaemonSet {SYSTEM_NAMESPACE}/{name}: {}",
+                status.message
+            ))
+        }
         Err(error) => {
-            return BindingStatus::initializing(format!("cannot read DaemonSet {name}: {error}"))
+            return BindingStatus::initializing(format!(
+                "cannot read DaemonSet {SYSTEM_NAMESPACE}/{name}: {}",
+                super::describe_error(&error)
+            ))
         }
     };
     let status = daemonset.status.unwrap_or_default();
@@ -271,27 +280,47 @@ pub async fn status(client: &kube::Client, binding: &KubeBinding) -> BindingStat
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
     let selector = format!("app.kubernetes.io/instance={name}");
-    if let Ok(list) = pods.list(&ListParams::default().labels(&selector)).await {
-        for pod in list.items {
-            let waiting = pod
-                .status
-                .and_then(|s| s.container_statuses)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|c| c.state?.waiting)
-                .find(|w| PULL_FAILURES.contains(&w.reason.as_deref().unwrap_or_default()));
-            if let Some(waiting) = waiting {
-                return BindingStatus::failed(format!(
-                    "image not pullable: {} {}",
-                    waiting.reason.unwrap_or_default(),
-                    waiting.message.unwrap_or_default()
-                ));
+    // The first container waiting reason among the agent pods, which says why none is ready.
+    let mut agent_waiting = None;
+    match pods.list(&ListParams::default().labels(&selector)).await {
+        Ok(list) => {
+            for pod in list.items {
+                let pod_name = pod.metadata.name.unwrap_or_default();
+                let waiting = pod
+                    .status
+                    .and_then(|s| s.container_statuses)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find_map(|c| c.state?.waiting.filter(|w| w.reason.is_some()));
+                let Some(waiting) = waiting else { continue };
+                let reason = waiting.reason.unwrap_or_default();
+                let message = waiting.message.unwrap_or_default();
+                if PULL_FAILURES.contains(&reason.as_str()) {
+                    return BindingStatus::failed(format!(
+                        "image not pullable: {reason} {message}"
+                    ));
+                }
+                agent_waiting.get_or_insert(format!("; pod {pod_name}: {reason} {message}"));
             }
+        }
+        Err(kube::Error::Api(status)) if status.code == 403 => {
+            return BindingStatus::failed(format!(
+                "forbidden by RBAC: cannot list the agent pods in {SYSTEM_NAMESPACE}: {}",
+                status.message
+            ))
+        }
+        Err(error) => {
+            agent_waiting = Some(format!(
+                "; cannot list the agent pods: {}",
+                super::describe_error(&error)
+            ));
         }
     }
     BindingStatus::initializing(format!(
-        "waiting for a ready node agent ({} of {} scheduled)",
-        status.number_ready, status.desired_number_scheduled
+        "waiting for a ready node agent ({} ready of {} scheduled{})",
+        status.number_ready,
+        status.desired_number_scheduled,
+        agent_waiting.as_deref().unwrap_or_default().trim_end()
     ))
 }
 

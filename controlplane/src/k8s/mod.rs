@@ -421,7 +421,21 @@ pub fn describe_error(error: &kube::Error) -> String {
         kube::Error::Api(status) => {
             format!("{} {}: {}", status.code, status.reason, status.message)
         }
-        other => other.to_string(),
+        other => {
+            // kube's own message names only the layer that failed ("client error (Connect)"),
+            // so the causes below it follow.
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                let cause_text = cause.to_string();
+                if !text.contains(&cause_text) {
+                    text.push_str(": ");
+                    text.push_str(&cause_text);
+                }
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
