@@ -206,8 +206,10 @@ pub async fn serve_proxy(
     let _ = stop_tx.send(true);
     drop(open_tx);
     if tokio::time::timeout(grace, open_rx.recv()).await.is_err() {
+        // Each worker thread logs its own connections, so the line names the worker.
         tracing::warn!(
             grace_ms = grace.as_millis() as u64,
+            worker = crate::upstream::worker::index(),
             "connections still open after the shutdown grace period; failing queued requests and closing connections"
         );
         proxy.fail_queued();

@@ -139,8 +139,12 @@ pub(crate) async fn serve_control<C: Control>(
     control: Arc<C>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
-    let local_addr = listener.local_addr().ok();
-    tracing::info!(addr = ?local_addr, "control-plane API listening");
+    // Logged as text, so an address reads `127.0.0.1:8082` rather than `Some(127.0.0.1:8082)`.
+    let local_addr = listener.local_addr().map_or_else(
+        |error| format!("unknown ({error})"),
+        |addr| addr.to_string(),
+    );
+    tracing::info!(addr = %local_addr, "control-plane API listening");
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -174,10 +178,10 @@ pub(crate) async fn serve_control<C: Control>(
     }
     drop(listener);
     tracing::info!(
-        addr = ?local_addr,
+        addr = %local_addr,
         connections = graceful.count(),
         "control-plane API shutting down; waiting for open connections"
     );
     graceful.shutdown().await;
-    tracing::info!(addr = ?local_addr, "control-plane API stopped");
+    tracing::info!(addr = %local_addr, "control-plane API stopped");
 }
