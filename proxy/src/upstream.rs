@@ -21,9 +21,10 @@ pub type UpstreamBody = Either<Full<Bytes>, Limited<Incoming>>;
 pub(crate) type Sender = SendRequest<UpstreamBody>;
 
 /// Largest read buffer of one client or instance connection. hyper's default lets a buffer grow
-/// to about 400 KiB while bodies stream through and keeps it while the connection idles; with
-/// 64 KiB bodies at 256 connections that was most of the proxy's memory (peak 166 MiB, 110 MiB
-/// with this bound, at no loss of throughput).
+/// to about 400 KiB while bodies stream through and keeps it while the connection idles. With
+/// 64 KiB bodies at 256 connections that was most of the proxy's memory (peak 166 MiB, and
+/// 110 MiB with this bound). Large bodies then take more reads, which cost 64 KiB POSTs
+/// throughput in the benchmark (BENCHMARKS.md).
 pub(crate) const MAX_READ_BUFFER: usize = 64 * 1024;
 
 /// How long a TCP connect to an instance may take before the instance counts as unreachable.
