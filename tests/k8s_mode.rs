@@ -1254,6 +1254,30 @@ async fn api_binding_is_checked_and_reports_status() {
         missing.text()
     );
 
+    let unknown_context = put(
+        "other",
+        json!({"kubeconfig": kubeconfig, "context": "nope", "namespace": env.namespace, "install": false}),
+    )
+    .await;
+    assert_eq!(unknown_context.status, 400, "{}", unknown_context.text());
+    let text = unknown_context.text();
+    assert!(text.contains("kubernetes.context"), "{text}");
+    assert!(text.contains("context \\\"nope\\\" is not in"), "{text}");
+    assert!(text.contains("it has: kubesim"), "{text}");
+
+    let absent = put(
+        "other",
+        json!({"kubeconfig": "/nonexistent/kubeconfig", "namespace": env.namespace, "install": false}),
+    )
+    .await;
+    assert_eq!(absent.status, 400, "{}", absent.text());
+    let text = absent.text();
+    assert_eq!(
+        text.matches("/nonexistent/kubeconfig").count(),
+        1,
+        "the path is repeated: {text}"
+    );
+
     let relative = put(
         "other",
         json!({"kubeconfig": "kubeconfig", "namespace": env.namespace, "install": false}),

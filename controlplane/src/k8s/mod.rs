@@ -360,11 +360,33 @@ pub async fn connect(
     let config = match kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path).map_err(|error| {
+                // kube's own message repeats the path, so only its cause follows.
+                let mut cause: &dyn std::error::Error = &error;
+                while let Some(source) = cause.source() {
+                    cause = source;
+                }
                 PlatformError::invalid(
                     "kubernetes.kubeconfig",
-                    format!("cannot read {}: {error}", path.display()),
+                    format!("cannot read {}: {cause}", path.display()),
                 )
             })?;
+            if let Some(context) = context {
+                if !kubeconfig.contexts.iter().any(|c| c.name == context) {
+                    let known: Vec<&str> = kubeconfig
+                        .contexts
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect();
+                    return Err(PlatformError::invalid(
+                        "kubernetes.context",
+                        format!(
+                            "context {context:?} is not in {} (it has: {})",
+                            path.display(),
+                            known.join(", ")
+                        ),
+                    ));
+                }
+            }
             let options = KubeConfigOptions {
                 context: context.map(str::to_owned),
                 ..KubeConfigOptions::default()
