@@ -1038,6 +1038,19 @@ async fn default_namespace_spec(env: &Env) -> Value {
     namespace
 }
 
+/// Asserts that every system object of a binding to the k8s namespace `runtime` exists in
+/// `sim` (`present`) or does not; a failure names the object, then `what`.
+fn assert_agent_objects(sim: &Cluster, runtime: &str, present: bool, what: &str) {
+    for (resource, namespace, name) in agent_objects(runtime) {
+        assert_eq!(
+            sim.get(&resource, Some(&namespace), &name).is_some(),
+            present,
+            "{} {namespace}/{name} {what}",
+            resource.kind
+        );
+    }
+}
+
 /// Returns binding settings that install an agent able to become ready on kubesim.
 fn agent_binding(kubeconfig: &Path, node_dir: &Path) -> String {
     format!(
@@ -1058,13 +1071,7 @@ async fn rebinding_removes_the_old_components() {
     let env = Env::start(Target::Sim { nodes }, dir, &binding, "").await;
     wait_phase(&env, "Normal").await;
     let sim = env.sim();
-    for (resource, namespace, name) in agent_objects(&env.namespace) {
-        assert!(
-            sim.get(&resource, Some(&namespace), &name).is_some(),
-            "{} {namespace}/{name} was not installed",
-            resource.kind
-        );
-    }
+    assert_agent_objects(sim, &env.namespace, true, "was not installed");
     let old_agent = "app.kubernetes.io/instance=fngate-agent-fngate-runtime";
     let agent_pods = |instance: &str| {
         let (key, value) = instance.split_once('=').unwrap();
@@ -1086,22 +1093,14 @@ async fn rebinding_removes_the_old_components() {
     let changed = put_json(env.fngate.api, "/v1/namespaces/default", &namespace).await;
     assert_eq!(changed.status, 200, "{}", changed.text());
 
-    for (resource, namespace, name) in agent_objects(&env.namespace) {
-        assert!(
-            sim.get(&resource, Some(&namespace), &name).is_none(),
-            "{} {namespace}/{name} of the old binding is still there\n{}",
-            resource.kind,
-            env.fngate.stderr()
-        );
-    }
+    assert_agent_objects(
+        sim,
+        &env.namespace,
+        false,
+        &format!("of the old binding is still there\n{}", env.fngate.stderr()),
+    );
     wait_phase(&env, "Normal").await;
-    for (resource, namespace, name) in agent_objects(runtime) {
-        assert!(
-            sim.get(&resource, Some(&namespace), &name).is_some(),
-            "{} {namespace}/{name} of the new binding is missing",
-            resource.kind
-        );
-    }
+    assert_agent_objects(sim, runtime, true, "of the new binding is missing");
     let config = sim
         .get(
             &Resource::CONFIGMAPS,
@@ -1172,13 +1171,12 @@ async fn rebinding_from_unreachable_cluster_succeeds() {
         "{stderr}"
     );
     wait_phase(&env, "Normal").await;
-    for (resource, namespace, name) in agent_objects(RUNTIME_NAMESPACE) {
-        assert!(
-            other.get(&resource, Some(&namespace), &name).is_some(),
-            "{} {namespace}/{name} is missing in the new cluster",
-            resource.kind
-        );
-    }
+    assert_agent_objects(
+        &other,
+        RUNTIME_NAMESPACE,
+        true,
+        "is missing in the new cluster",
+    );
 }
 
 /// Turning `install` off in place leaves the system objects in the cluster, and deleting the
@@ -1196,13 +1194,12 @@ async fn disabled_install_is_removed_on_delete() {
     let changed = put_json(env.fngate.api, "/v1/namespaces/default", &namespace).await;
     assert_eq!(changed.status, 200, "{}", changed.text());
     let sim = env.sim();
-    for (resource, namespace, name) in agent_objects(&env.namespace) {
-        assert!(
-            sim.get(&resource, Some(&namespace), &name).is_some(),
-            "{} {namespace}/{name} was removed when install was turned off",
-            resource.kind
-        );
-    }
+    assert_agent_objects(
+        sim,
+        &env.namespace,
+        true,
+        "was removed when install was turned off",
+    );
 
     let deleted = request(
         env.fngate.api,
@@ -1213,13 +1210,12 @@ async fn disabled_install_is_removed_on_delete() {
     )
     .await;
     assert_eq!(deleted.status, 204, "{}", deleted.text());
-    for (resource, namespace, name) in agent_objects(&env.namespace) {
-        assert!(
-            sim.get(&resource, Some(&namespace), &name).is_none(),
-            "{} {namespace}/{name} is still there after the namespace was deleted",
-            resource.kind
-        );
-    }
+    assert_agent_objects(
+        sim,
+        &env.namespace,
+        false,
+        "is still there after the namespace was deleted",
+    );
 }
 
 /// Bindings made through the API are checked against the cluster: a k8s namespace that does not
