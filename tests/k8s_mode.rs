@@ -1039,13 +1039,14 @@ async fn default_namespace_spec(env: &Env) -> Value {
 }
 
 /// Asserts that every system object of a binding to the k8s namespace `runtime` exists in
-/// `sim` (`present`) or does not; a failure names the object, then `what`.
-fn assert_agent_objects(sim: &Cluster, runtime: &str, present: bool, what: &str) {
+/// `sim` when `present` is true, and that none exists otherwise. A failure names the object,
+/// followed by `failure`.
+fn assert_agent_objects(sim: &Cluster, runtime: &str, present: bool, failure: &str) {
     for (resource, namespace, name) in agent_objects(runtime) {
         assert_eq!(
             sim.get(&resource, Some(&namespace), &name).is_some(),
             present,
-            "{} {namespace}/{name} {what}",
+            "{} {namespace}/{name} {failure}",
             resource.kind
         );
     }

@@ -36,7 +36,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Binds `threads` TCP listeners to `addr` with `SO_REUSEPORT`, one per proxy worker thread; the
+/// Binds `threads` TCP listeners to `addr` with `SO_REUSEPORT`, one per proxy worker thread. The
 /// kernel spreads new connections across them. With port 0 the first listener picks the port and
 /// the others bind to it.
 ///
@@ -69,7 +69,7 @@ pub fn bind_workers(
 }
 
 /// Sizes each instance's connection lists for `threads` proxy workers. Call it before the first
-/// instance is created; [`spawn_workers`] calls it too, for when nothing did.
+/// instance is created. [`spawn_workers`] calls it too, in case nothing did.
 pub fn set_worker_threads(threads: usize) {
     crate::upstream::worker::set_count(threads);
 }
@@ -120,7 +120,7 @@ pub fn spawn_workers(
                     let listener = match TcpListener::from_std(listener) {
                         Ok(listener) => listener,
                         Err(error) => {
-                            tracing::error!(%error, worker = index, "proxy worker cannot use its listener");
+                            tracing::error!(%error, worker = index, "proxy worker failed to register its listener and serves no connections");
                             return;
                         }
                     };

@@ -35,7 +35,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// hyper drives each connection from a task on the runtime that opened it. On a single-threaded
 /// worker runtime, a request that reused another worker's connection would wake that worker twice
 /// per request, so a worker reuses only its own connections and opens new ones otherwise. Each
-/// list holds at most as many connections as the instance has slots, since HTTP/1.1 carries one
+/// list keeps at most as many connections as the instance has slots, since HTTP/1.1 carries one
 /// request per connection at a time. Outside worker threads (a multi-threaded runtime, tests) all
 /// callers share the first list.
 pub(crate) struct ConnPool {

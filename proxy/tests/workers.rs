@@ -45,7 +45,7 @@ fn settings() -> FunctionSettings {
     }
 }
 
-/// A hyper upstream that answers every request with its body and counts the connections it
+/// Starts a hyper upstream that echoes each request body and counts the connections it
 /// accepted.
 async fn upstream(accepted: Arc<AtomicUsize>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

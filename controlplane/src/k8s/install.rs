@@ -280,7 +280,7 @@ pub async fn status(client: &kube::Client, binding: &KubeBinding) -> BindingStat
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
     let selector = format!("app.kubernetes.io/instance={name}");
-    // The first container waiting reason among the agent pods, which says why none is ready.
+    // The first container waiting reason among the agent pods, which explains why none is ready.
     let mut agent_waiting = None;
     match pods.list(&ListParams::default().labels(&selector)).await {
         Ok(list) => {
