@@ -35,7 +35,7 @@ cp "$binaries/fngate" "$binaries/fngate-runtime" "$context/dist/"
 
 cleanup() {
     podman "${podman_flags[@]}" rm -f "fngate-$tag" >/dev/null 2>&1 || true
-    podman "${podman_flags[@]}" rmi -f "localhost/fngate:$tag" "localhost/fngate-runtime:$tag" \
+    podman "${podman_flags[@]}" rmi -f "localhost/fngate:$tag" "localhost/runtime:$tag" \
         >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
