@@ -14,6 +14,7 @@ use fngate_controlplane::config;
 use fngate_controlplane::k8s;
 
 mod namespaces;
+mod proxy_replica;
 use fngate_controlplane::local::{LocalBackend, LocalBackendConfig};
 use fngate_controlplane::model::{FunctionKind, NamespaceSpec};
 use fngate_controlplane::platform::{Platform, PlatformConfig};
@@ -49,6 +50,9 @@ enum Command {
     /// Run the platform: proxy, control plane, and instances as local processes (default
     /// mode) or as pods of a bound cluster (k8s mode).
     Serve(ServeArgs),
+    /// Run a proxy replica of k8s mode: serve one function namespace on the support service
+    /// port, routing to the runtime pods the control plane starts for this replica.
+    Proxy(proxy_replica::ProxyArgs),
     /// Run the node agent of k8s mode: fetch the code packages that runtime pods on this node
     /// need into the node's function directory, and remove versions no pod uses any more.
     Agent(AgentArgs),
@@ -152,6 +156,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_serve(args),
         Command::Manifests(args) => write_manifests(&args),
         Command::Agent(args) => run_agent(args),
+        Command::Proxy(args) => proxy_replica::run(args),
         Command::Namespaces(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -188,18 +193,23 @@ fn init_tracing(filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The number of proxy worker threads for `--proxy-threads`, where 0 means one per CPU.
+fn proxy_threads(flag: u16) -> usize {
+    match usize::from(flag) {
+        0 => std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(MAX_PROXY_THREADS),
+        threads => threads,
+    }
+}
+
 async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
     server::bind(addr).with_context(|| format!("failed to bind {flag} {addr}"))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = fngate_proxy::metrics::install_recorder();
-    let proxy_threads = match usize::from(args.proxy_threads) {
-        0 => std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .min(MAX_PROXY_THREADS),
-        threads => threads,
-    };
+    let proxy_threads = proxy_threads(args.proxy_threads);
     // Sized before any instance exists, so each worker gets its own instance connections.
     server::set_worker_threads(proxy_threads);
     let proxy_listeners = server::bind_workers(args.listen, proxy_threads)
@@ -238,6 +248,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Arc::clone(&router),
         Arc::new(backend),
     ));
+    platform.start_replica_expiry();
     let deployed = deploy_config(&platform, args.config.as_deref()).await?;
     router.mark_synced();
 

@@ -110,6 +110,25 @@ pub trait InstanceBackend: Send + Sync + 'static {
         false
     }
 
+    /// Starts routing the pods of proxy replica `replica` into `router`, the control plane's
+    /// mirror of the replica's table, so that the replica's scalers see its instances. Returns
+    /// the owner id of this backend's pods, which the replica's own pod watcher filters on, or
+    /// why the backend has no proxy replicas.
+    fn add_replica(
+        &self,
+        _replica: &str,
+        _router: Arc<fngate_proxy::Router>,
+    ) -> Result<String, String> {
+        Err(
+            "proxy replicas serve k8s-mode namespaces only; this namespace runs its instances \
+             as local processes behind the proxy of fngate serve"
+                .to_owned(),
+        )
+    }
+
+    /// Stops routing the pods of a replica that `add_replica` added.
+    fn remove_replica(&self, _replica: &str) {}
+
     /// Removes what binding the namespace created outside fngate, such as its system
     /// components in the cluster. Called when the namespace is deleted, and when a change of
     /// its binding replaces this backend with another.

@@ -1,19 +1,31 @@
-//! The platform in default mode: the function store, wired to the proxy's routing table and to
-//! one scaler per function. Every change made through the config file or the API goes through
-//! here, one at a time.
+//! The platform: the function store, wired to the proxy's routing table and to the scalers.
+//! Every change made through the config file or the API goes through here, one at a time.
+//!
+//! Each function has one scaler per proxy replica that routes to it, called a lane: the lane
+//! `local` scales for the proxy inside this process, and in k8s mode each replica run by
+//! `fngate proxy` gets a lane of its own. A replica's lane runs on a mirror of the replica's
+//! table, whose pools take the demand and instance load the replica reports.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
-use fngate_proxy::{FunctionKey, FunctionKind, FunctionSettings, Router};
+use fngate_proxy::replica::protocol::{
+    FunctionNotice, Report, ReportResponse, RouteEntry, Routes, StartFailureNotice,
+};
+use fngate_proxy::replica::{EXPIRY, ROUTES_POLL_LIMIT};
+use fngate_proxy::{
+    Demand, Function, FunctionKey, FunctionKind, FunctionSettings, Instance, Router,
+};
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
-use crate::backend::InstanceBackend;
+use crate::backend::{InstanceBackend, LOCAL_REPLICA};
 use crate::error::PlatformError;
 use crate::model::{self, FunctionSpec, NamespaceSpec, LATEST};
 use crate::quota::Quota;
@@ -47,6 +59,8 @@ pub struct InstanceStatus {
     pub state: &'static str,
     pub addr: Option<String>,
     pub in_flight: u32,
+    /// The proxy replica that routes to the instance; `local` for the proxy of this process.
+    pub replica: String,
 }
 
 /// Settings of the platform itself.
@@ -59,15 +73,36 @@ pub struct PlatformConfig {
     pub api_url: Option<String>,
 }
 
+/// Most proxy replicas one namespace accepts; each costs a pod watch and a scaler per function.
+pub const MAX_REPLICAS: usize = 100;
+
 struct FunctionEntry {
     spec: Arc<FunctionSpec>,
     code_dir: PathBuf,
     resolved: watch::Sender<Resolved>,
+    /// One scaler per proxy replica, by replica name.
+    lanes: BTreeMap<String, Lane>,
+}
+
+/// The scaler of one function for one proxy replica.
+struct Lane {
+    /// The function in the replica's table: for `local` the proxy's own, else the mirror.
+    function: Arc<Function>,
     stop: watch::Sender<Stop>,
     /// The newest generation whose outdated instances the scaler took out of routing.
     applied: watch::Receiver<u64>,
     task: JoinHandle<()>,
     status: Arc<Mutex<Vec<InstanceStatus>>>,
+    live: Arc<Mutex<HashMap<u64, Arc<Instance>>>>,
+}
+
+/// A proxy replica of a k8s-mode namespace, known from its routes polls and reports.
+struct ReplicaEntry {
+    /// The control plane's mirror of the replica's table.
+    router: Arc<Router>,
+    /// Owner id of the pods the replica may route.
+    owner: String,
+    last_seen: Instant,
 }
 
 struct NamespaceEntry {
@@ -76,6 +111,7 @@ struct NamespaceEntry {
     /// Local processes, or pods of the bound cluster in k8s mode.
     backend: Arc<dyn InstanceBackend>,
     functions: BTreeMap<String, FunctionEntry>,
+    replicas: BTreeMap<String, ReplicaEntry>,
 }
 
 /// The control plane of one fngate process.
@@ -88,6 +124,10 @@ pub struct Platform {
     changes: tokio::sync::Mutex<()>,
     instance_ids: Arc<AtomicU64>,
     generations: AtomicU64,
+    /// Version of the functions as replicas see them; bumped by every function change. Starts
+    /// at the clock's milliseconds, so a replica polling with a version from an earlier run is
+    /// given the current routes at once.
+    routes_version: watch::Sender<u64>,
 }
 
 /// Rejects a binding that would install the system components of a k8s namespace for which
@@ -134,7 +174,23 @@ impl Platform {
             changes: tokio::sync::Mutex::new(()),
             instance_ids: Arc::new(AtomicU64::new(1)),
             generations: AtomicU64::new(1),
+            routes_version: watch::Sender::new(initial_routes_version()),
         }
+    }
+
+    /// Starts removing proxy replicas that stopped reporting; the task ends with the platform.
+    pub fn start_replica_expiry(self: &Arc<Self>) {
+        let platform: Weak<Platform> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(platform) = platform.upgrade() else {
+                    return;
+                };
+                platform.expire_replicas();
+            }
+        });
     }
 
     pub fn router(&self) -> &Arc<Router> {
@@ -189,6 +245,9 @@ impl Platform {
             }
             if let Some(backend) = backend {
                 entry.backend = backend;
+                // Their watchers belonged to the previous backend; replicas rejoin with their
+                // next report.
+                entry.replicas.clear();
             }
             let functions: Vec<&FunctionSpec> =
                 entry.functions.values().map(|f| f.spec.as_ref()).collect();
@@ -206,6 +265,7 @@ impl Platform {
                 quota: Arc::new(Quota::new(spec.memory_quota_mb)),
                 spec,
                 functions: BTreeMap::new(),
+                replicas: BTreeMap::new(),
             },
         );
         Ok(Applied::Created)
@@ -307,10 +367,13 @@ impl Platform {
         }
         let (code_dir, code_digest) = self.resolve_code(&spec).await?;
         let (applied, replaced) = self.apply_function(Arc::new(spec), code_dir, code_digest)?;
-        if let Some((mut scaler_generation, generation)) = replaced {
-            // Wait until the scaler took the old instances out of routing, so requests sent
-            // after this call returns reach the new version.
-            let replaced = scaler_generation.wait_for(|applied| *applied >= generation);
+        if let Some((lanes, generation)) = replaced {
+            // Wait until every lane's scaler took the old instances out of routing, so requests
+            // sent after this call returns reach the new version.
+            let replaced =
+                futures_util::future::join_all(lanes.into_iter().map(|mut applied| async move {
+                    let _ = applied.wait_for(|applied| *applied >= generation).await;
+                }));
             if tokio::time::timeout(REPLACE_WAIT, replaced).await.is_err() {
                 tracing::warn!(
                     generation,
@@ -321,15 +384,15 @@ impl Platform {
         Ok(applied)
     }
 
-    /// Stores a checked function and starts or updates its scaler. When running instances must
-    /// be replaced, also returns the scaler's generation channel and the generation to wait for.
+    /// Stores a checked function and starts or updates its scalers. When running instances must
+    /// be replaced, also returns the lanes' generation channels and the generation to wait for.
     #[allow(clippy::type_complexity)]
     fn apply_function(
         &self,
         spec: Arc<FunctionSpec>,
         code_dir: PathBuf,
         code_digest: Option<String>,
-    ) -> Result<(Applied, Option<(watch::Receiver<u64>, u64)>), PlatformError> {
+    ) -> Result<(Applied, Option<(Vec<watch::Receiver<u64>>, u64)>), PlatformError> {
         let key = function_key(&spec);
         let mut namespaces = self.namespaces.lock();
         let namespace = namespaces
@@ -341,7 +404,11 @@ impl Platform {
                 return Ok((Applied::Unchanged, None));
             }
             let replace = needs_new_instances(&entry.spec, &spec) || entry.code_dir != code_dir;
+            for replica in namespace.replicas.values() {
+                replica.router.upsert(key.clone(), settings(&spec));
+            }
             self.router.upsert(key, settings(&spec));
+            self.routes_version.send_modify(|version| *version += 1);
             let generation = if replace {
                 self.generations
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
@@ -357,47 +424,85 @@ impl Platform {
                 generation,
             });
             tracing::info!(function = %entry.spec.name, namespace = %entry.spec.namespace, replace, "function updated");
-            let wait = replace.then(|| (entry.applied.clone(), generation));
+            let wait = replace.then(|| {
+                let lanes = entry.lanes.values().map(|lane| lane.applied.clone());
+                (lanes.collect(), generation)
+            });
             return Ok((Applied::Updated, wait));
         }
 
-        let function = self.router.upsert(key, settings(&spec));
+        let function = self.router.upsert(key.clone(), settings(&spec));
         let generation = self
             .generations
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let (resolved_tx, resolved_rx) = watch::channel(Resolved {
+        let (resolved, _) = watch::channel(Resolved {
             spec: Arc::clone(&spec),
             code_dir: code_dir.clone(),
             code_digest,
             generation,
         });
-        let (stop_tx, stop_rx) = watch::channel(Stop::No);
-        let (applied_tx, applied_rx) = watch::channel(generation);
-        let status = Arc::new(Mutex::new(Vec::new()));
-        let task = tokio::spawn(scaler::run(ScalerParts {
-            function,
-            backend: Arc::clone(&namespace.backend),
-            quota: Arc::clone(&namespace.quota),
-            resolved: resolved_rx,
-            stop: stop_rx,
-            applied: applied_tx,
-            status: Arc::clone(&status),
-            instance_ids: Arc::clone(&self.instance_ids),
-        }));
+        let mut lanes = BTreeMap::new();
+        let local = self.spawn_lane(namespace, &resolved, function, LOCAL_REPLICA);
+        lanes.insert(LOCAL_REPLICA.to_owned(), local);
+        for (name, replica) in &namespace.replicas {
+            let mirror = replica.router.upsert(key.clone(), settings(&spec));
+            lanes.insert(
+                name.clone(),
+                self.spawn_lane(namespace, &resolved, mirror, name),
+            );
+        }
+        self.routes_version.send_modify(|version| *version += 1);
         tracing::info!(function = %spec.name, namespace = %spec.namespace, kind = ?spec.kind, "function created");
         namespace.functions.insert(
             spec.name.clone(),
             FunctionEntry {
                 spec,
                 code_dir,
-                resolved: resolved_tx,
-                stop: stop_tx,
-                applied: applied_rx,
-                task,
-                status,
+                resolved,
+                lanes,
             },
         );
         Ok((Applied::Created, None))
+    }
+
+    /// Starts the scaler of one function for one proxy replica, on `function`, the function in
+    /// the replica's table.
+    ///
+    /// NOTE: each lane applies the function's `min_instances` and `max_instances` on its own, so
+    /// with replicas a function may run up to `max_instances` pods per replica. The namespace's
+    /// memory quota is shared by all lanes and bounds the total.
+    fn spawn_lane(
+        &self,
+        namespace: &NamespaceEntry,
+        resolved: &watch::Sender<Resolved>,
+        function: Arc<Function>,
+        replica: &str,
+    ) -> Lane {
+        let generation = resolved.borrow().generation;
+        let (stop, stop_rx) = watch::channel(Stop::No);
+        let (applied_tx, applied) = watch::channel(generation);
+        let status = Arc::new(Mutex::new(Vec::new()));
+        let live = Arc::new(Mutex::new(HashMap::new()));
+        let task = tokio::spawn(scaler::run(ScalerParts {
+            function: Arc::clone(&function),
+            backend: Arc::clone(&namespace.backend),
+            quota: Arc::clone(&namespace.quota),
+            resolved: resolved.subscribe(),
+            stop: stop_rx,
+            applied: applied_tx,
+            status: Arc::clone(&status),
+            live: Arc::clone(&live),
+            instance_ids: Arc::clone(&self.instance_ids),
+            replica: replica.to_owned(),
+        }));
+        Lane {
+            function,
+            stop,
+            applied,
+            task,
+            status,
+            live,
+        }
     }
 
     /// Resolves the function's code and checks that it has the executable the function's kind
@@ -462,8 +567,17 @@ impl Platform {
                 .remove(name)
                 .ok_or_else(|| function_not_found(namespace, name))?
         };
-        self.router.remove(&function_key(&entry.spec));
-        let _ = entry.stop.send(Stop::Drain);
+        let key = function_key(&entry.spec);
+        self.router.remove(&key);
+        if let Some(namespace) = self.namespaces.lock().get(namespace) {
+            for replica in namespace.replicas.values() {
+                replica.router.remove(&key);
+            }
+        }
+        self.routes_version.send_modify(|version| *version += 1);
+        for lane in entry.lanes.values() {
+            let _ = lane.stop.send(Stop::Drain);
+        }
         tracing::info!(function = %name, %namespace, "function deleted; draining its instances");
         Ok(())
     }
@@ -487,6 +601,193 @@ impl Platform {
             .ok_or_else(|| function_not_found(namespace, name))
     }
 
+    /// Records that a proxy replica of `namespace` is alive and returns the owner id of the
+    /// pods it may route. A replica seen for the first time joins: it gets a mirror table, a
+    /// pod watcher for its pods, and a lane for each function.
+    fn touch_replica(&self, namespace: &str, replica: &str) -> Result<String, PlatformError> {
+        check_replica_name(replica)?;
+        let mut namespaces = self.namespaces.lock();
+        let entry = namespaces
+            .get_mut(namespace)
+            .ok_or_else(|| namespace_not_found(namespace))?;
+        if let Some(known) = entry.replicas.get_mut(replica) {
+            known.last_seen = Instant::now();
+            return Ok(known.owner.clone());
+        }
+        if entry.replicas.len() >= MAX_REPLICAS {
+            return Err(PlatformError::Conflict(format!(
+                "namespace {namespace:?} already has {MAX_REPLICAS} proxy replicas; replica \
+                 {replica:?} cannot join until one stops reporting"
+            )));
+        }
+        let router = Arc::new(Router::new());
+        router.add_namespace(namespace);
+        let owner = entry
+            .backend
+            .add_replica(replica, Arc::clone(&router))
+            .map_err(|reason| {
+                PlatformError::Conflict(format!("namespace {namespace:?}: {reason}"))
+            })?;
+        let mut lanes = Vec::new();
+        for function in entry.functions.values() {
+            let mirror = router.upsert(function_key(&function.spec), settings(&function.spec));
+            let lane = self.spawn_lane(entry, &function.resolved, mirror, replica);
+            lanes.push((function.spec.name.clone(), lane));
+        }
+        for (name, lane) in lanes {
+            if let Some(function) = entry.functions.get_mut(&name) {
+                function.lanes.insert(replica.to_owned(), lane);
+            }
+        }
+        entry.replicas.insert(
+            replica.to_owned(),
+            ReplicaEntry {
+                router,
+                owner: owner.clone(),
+                last_seen: Instant::now(),
+            },
+        );
+        tracing::info!(%namespace, %replica, "proxy replica joined");
+        Ok(owner)
+    }
+
+    /// Responds to a replica's routes poll: at once when `after` is not the current version, else
+    /// when the functions change or after [`ROUTES_POLL_LIMIT`].
+    pub async fn replica_routes(
+        &self,
+        namespace: &str,
+        replica: &str,
+        after: Option<u64>,
+    ) -> Result<Routes, PlatformError> {
+        self.touch_replica(namespace, replica)?;
+        if let Some(after) = after {
+            let mut version = self.routes_version.subscribe();
+            let changed = version.wait_for(|version| *version != after);
+            let _ = tokio::time::timeout(ROUTES_POLL_LIMIT, changed).await;
+        }
+        // The replica may have expired or the namespace gone while the poll waited.
+        let owner = self.touch_replica(namespace, replica)?;
+        let version = *self.routes_version.borrow();
+        let namespaces = self.namespaces.lock();
+        let entry = namespaces
+            .get(namespace)
+            .ok_or_else(|| namespace_not_found(namespace))?;
+        let functions = entry
+            .functions
+            .values()
+            .map(|function| RouteEntry::new(&function.spec.name, LATEST, &settings(&function.spec)))
+            .collect();
+        let resync_interval_ms = entry
+            .spec
+            .kubernetes
+            .as_ref()
+            .map_or(0, |binding| binding.resync_interval_ms);
+        Ok(Routes {
+            version,
+            owner,
+            resync_interval_ms,
+            functions,
+        })
+    }
+
+    /// Takes a replica's report: each lane's pool takes the replica's demand for its function
+    /// (none when the report leaves the function out), and each instance the reported load.
+    /// Responds with the start failures and capacity notes of the replica's lanes.
+    pub fn replica_report(
+        &self,
+        namespace: &str,
+        replica: &str,
+        report: &Report,
+    ) -> Result<ReportResponse, PlatformError> {
+        self.touch_replica(namespace, replica)?;
+        let namespaces = self.namespaces.lock();
+        let entry = namespaces
+            .get(namespace)
+            .ok_or_else(|| namespace_not_found(namespace))?;
+        let reported: HashMap<(&str, &str), _> = report
+            .functions
+            .iter()
+            .map(|function| {
+                (
+                    (function.name.as_str(), function.qualifier.as_str()),
+                    function,
+                )
+            })
+            .collect();
+        let now = Instant::now();
+        let mut response = ReportResponse::default();
+        for function in entry.functions.values() {
+            let Some(lane) = function.lanes.get(replica) else {
+                continue;
+            };
+            let pool = &lane.function.pool;
+            let load = reported.get(&(function.spec.name.as_str(), LATEST));
+            pool.set_reported_demand(load.map_or(Demand::default(), |load| Demand {
+                in_flight: load.in_flight,
+                queued: load.queued,
+            }));
+            if let Some(load) = load {
+                let live = lane.live.lock();
+                for instance in &load.instances {
+                    if let Some(mirror) = live.get(&instance.id) {
+                        let idle_for = Duration::from_millis(instance.idle_ms);
+                        mirror.set_reported_usage(instance.in_flight, idle_for);
+                    }
+                }
+            }
+            let start_failure = pool
+                .start_failure()
+                .filter(|failure| failure.retry_at > now)
+                .map(|failure| StartFailureNotice {
+                    reason: failure.reason,
+                    retry_in_ms: millis(failure.retry_at - now),
+                });
+            let capacity_note = pool.capacity_note();
+            if start_failure.is_some() || capacity_note.is_some() {
+                response.functions.push(FunctionNotice {
+                    name: function.spec.name.clone(),
+                    qualifier: LATEST.to_owned(),
+                    start_failure,
+                    capacity_note,
+                });
+            }
+        }
+        Ok(response)
+    }
+
+    /// Removes the replicas that sent nothing for [`EXPIRY`]: their lanes stop at once, which
+    /// deletes their pods, and then their pod watchers stop.
+    pub fn expire_replicas(&self) {
+        let mut namespaces = self.namespaces.lock();
+        for (namespace, entry) in namespaces.iter_mut() {
+            let gone: Vec<String> = entry
+                .replicas
+                .iter()
+                .filter(|(_, replica)| replica.last_seen.elapsed() > EXPIRY)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for replica in gone {
+                entry.replicas.remove(&replica);
+                let mut tasks = Vec::new();
+                for function in entry.functions.values_mut() {
+                    if let Some(lane) = function.lanes.remove(&replica) {
+                        let _ = lane.stop.send(Stop::Now);
+                        tasks.push(lane.task);
+                    }
+                }
+                tracing::warn!(%namespace, %replica, silent_ms = millis(EXPIRY),
+                    "proxy replica stopped reporting; deleting its pods");
+                let backend = Arc::clone(&entry.backend);
+                tokio::spawn(async move {
+                    for task in tasks {
+                        let _ = task.await;
+                    }
+                    backend.remove_replica(&replica);
+                });
+            }
+        }
+    }
+
     /// Stops every scaler and waits until their instances are gone. Instances are stopped without
     /// draining, so call this after the proxy drained its connections.
     pub async fn shutdown(&self) {
@@ -495,9 +796,12 @@ impl Platform {
             let mut namespaces = self.namespaces.lock();
             let mut tasks = Vec::new();
             for namespace in namespaces.values_mut() {
+                namespace.replicas.clear();
                 for (_, entry) in std::mem::take(&mut namespace.functions) {
-                    let _ = entry.stop.send(Stop::Now);
-                    tasks.push(entry.task);
+                    for (_, lane) in entry.lanes {
+                        let _ = lane.stop.send(Stop::Now);
+                        tasks.push(lane.task);
+                    }
                 }
             }
             tasks
@@ -509,10 +813,49 @@ impl Platform {
 }
 
 fn status_of(entry: &FunctionEntry) -> FunctionStatus {
+    let mut instances: Vec<InstanceStatus> = entry
+        .lanes
+        .values()
+        .flat_map(|lane| lane.status.lock().clone())
+        .collect();
+    instances.sort_by_key(|instance| instance.id);
     FunctionStatus {
         spec: FunctionSpec::clone(&entry.spec),
         code_dir: entry.code_dir.clone(),
-        instances: entry.status.lock().clone(),
+        instances,
+    }
+}
+
+fn initial_routes_version() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |since| u64::try_from(since.as_millis()).unwrap_or(1))
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Checks a replica name: a pod name, as the `fngate.io/replica` label value carries it.
+fn check_replica_name(replica: &str) -> Result<(), PlatformError> {
+    let valid = !replica.is_empty()
+        && replica.len() <= 63
+        && replica
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && replica.as_bytes()[0].is_ascii_alphanumeric()
+        && replica.as_bytes()[replica.len() - 1].is_ascii_alphanumeric();
+    if valid && replica != LOCAL_REPLICA {
+        Ok(())
+    } else {
+        Err(PlatformError::invalid(
+            "replica",
+            format!(
+                "{replica:?} is not a replica name: use the proxy pod's name (1 to 63 lowercase \
+                 letters, digits, '-' and '.', starting and ending with a letter or digit), \
+                 other than {LOCAL_REPLICA:?}"
+            ),
+        ))
     }
 }
 

@@ -63,7 +63,14 @@ pub struct ScalerParts {
     /// Set to each generation once instances of older generations are out of routing.
     pub applied: watch::Sender<u64>,
     pub status: Arc<Mutex<Vec<InstanceStatus>>>,
+    /// The instances the scaler runs, ready or stopping, by id; published with `status`. The
+    /// control plane sets a replica's reported usage on them.
+    pub live: Arc<Mutex<HashMap<u64, Arc<Instance>>>>,
     pub instance_ids: Arc<AtomicU64>,
+    /// The proxy replica whose pool `function` is: [`crate::backend::LOCAL_REPLICA`] for the
+    /// proxy in this process, else a mirror of a replica's pool, which its pods are labelled
+    /// with.
+    pub replica: String,
 }
 
 enum Event {
@@ -203,7 +210,7 @@ impl Scaler {
             function: Arc::clone(spec),
             code_dir: resolved.code_dir.clone(),
             code_digest: resolved.code_digest.clone(),
-            replica: crate::backend::LOCAL_REPLICA.to_owned(),
+            replica: self.parts.replica.clone(),
         };
         let backend = Arc::clone(&self.parts.backend);
         let events = self.events_tx.clone();
@@ -457,6 +464,7 @@ impl Scaler {
                 state: "starting",
                 addr: None,
                 in_flight: 0,
+                replica: self.parts.replica.clone(),
             });
         }
         for (id, managed) in &self.ready {
@@ -465,6 +473,7 @@ impl Scaler {
                 state: "ready",
                 addr: Some(managed.instance.addr().to_string()),
                 in_flight: managed.instance.in_flight(),
+                replica: self.parts.replica.clone(),
             });
         }
         for (id, (state, instance)) in &self.stopping {
@@ -473,10 +482,22 @@ impl Scaler {
                 state,
                 addr: Some(instance.addr().to_string()),
                 in_flight: instance.in_flight(),
+                replica: self.parts.replica.clone(),
             });
         }
         status.sort_by_key(|s| s.id);
         *self.parts.status.lock() = status;
+        let live = self
+            .ready
+            .iter()
+            .map(|(id, managed)| (*id, Arc::clone(&managed.instance)))
+            .chain(
+                self.stopping
+                    .iter()
+                    .map(|(id, (_, instance))| (*id, Arc::clone(instance))),
+            )
+            .collect();
+        *self.parts.live.lock() = live;
 
         let key = &self.parts.function.key;
         for (state, count) in [
@@ -484,7 +505,7 @@ impl Scaler {
             ("ready", self.ready.len()),
             ("stopping", self.stopping.len()),
         ] {
-            gauge!("fngate_instances", "namespace" => key.namespace.clone(), "function" => key.name.clone(), "state" => state).set(count as f64);
+            gauge!("fngate_instances", "namespace" => key.namespace.clone(), "function" => key.name.clone(), "replica" => self.parts.replica.clone(), "state" => state).set(count as f64);
         }
     }
 

@@ -18,6 +18,7 @@ pub mod instance;
 pub mod metrics;
 pub mod pod_watch;
 pub mod pool;
+pub mod replica;
 mod request_id;
 pub mod route;
 pub mod server;

@@ -67,6 +67,13 @@ pub(crate) fn function_spec(
     Ok(spec)
 }
 
+/// Decodes a proxy replica's report.
+pub(crate) fn report(
+    body: &[u8],
+) -> Result<fngate_proxy::replica::protocol::Report, PlatformError> {
+    decode(body)
+}
+
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, PlatformError> {
     let Some(&first) = body.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Err(PlatformError::invalid(

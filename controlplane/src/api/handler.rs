@@ -107,7 +107,39 @@ where
             let package = control.package(&digest).await?;
             Ok(reply::package(&digest, package))
         }
+        Route::ReplicaRoutes { namespace, replica } => {
+            let after = after_version(request.uri().query())?;
+            let routes = control.replica_routes(&namespace, &replica, after).await?;
+            Ok(reply::json(StatusCode::OK, &routes))
+        }
+        Route::ReplicaReport { namespace, replica } => {
+            let bytes = body::read(request).await?;
+            let report = body::report(&bytes)?;
+            let response = control.replica_report(&namespace, &replica, &report)?;
+            Ok(reply::json(StatusCode::OK, &response))
+        }
     }
+}
+
+/// Reads the `after` version of a routes poll from the query string.
+fn after_version(query: Option<&str>) -> Result<Option<u64>, PlatformError> {
+    let mut after = None;
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if name != "after" {
+            return Err(PlatformError::invalid(
+                name.into_owned(),
+                "is not a query parameter of a routes poll; it takes only after={version}",
+            ));
+        }
+        let version = value.parse::<u64>().map_err(|_| {
+            PlatformError::invalid(
+                "after",
+                format!("must be a version number from an earlier routes response, got {value:?}"),
+            )
+        })?;
+        after = Some(version);
+    }
+    Ok(after)
 }
 
 fn get_namespace<C: Control>(control: &C, namespace: &str) -> Result<ApiResponse, ApiError> {

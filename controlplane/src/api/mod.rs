@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use crate::error::PlatformError;
 use crate::model::{FunctionSpec, NamespaceSpec};
 use crate::platform::{Applied, FunctionStatus, Platform};
+use fngate_proxy::replica::protocol::{Report, ReportResponse, Routes};
 
 pub use body::MAX_BODY_BYTES;
 
@@ -67,6 +68,20 @@ pub(crate) trait Control: Send + Sync + 'static {
         &self,
         digest: &str,
     ) -> impl Future<Output = Result<bytes::Bytes, PlatformError>> + Send;
+    /// Answers a proxy replica's routes poll.
+    fn replica_routes(
+        &self,
+        namespace: &str,
+        replica: &str,
+        after: Option<u64>,
+    ) -> impl Future<Output = Result<Routes, PlatformError>> + Send;
+    /// Takes a proxy replica's report.
+    fn replica_report(
+        &self,
+        namespace: &str,
+        replica: &str,
+        report: &Report,
+    ) -> Result<ReportResponse, PlatformError>;
 }
 
 impl Control for Platform {
@@ -120,6 +135,24 @@ impl Control for Platform {
 
     fn binding_status(&self, namespace: &str) -> Option<crate::k8s::install::BindingStatus> {
         Platform::binding_status(self, namespace)
+    }
+
+    fn replica_routes(
+        &self,
+        namespace: &str,
+        replica: &str,
+        after: Option<u64>,
+    ) -> impl Future<Output = Result<Routes, PlatformError>> + Send {
+        Platform::replica_routes(self, namespace, replica, after)
+    }
+
+    fn replica_report(
+        &self,
+        namespace: &str,
+        replica: &str,
+        report: &Report,
+    ) -> Result<ReportResponse, PlatformError> {
+        Platform::replica_report(self, namespace, replica, report)
     }
 }
 

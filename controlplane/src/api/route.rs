@@ -20,6 +20,12 @@ pub(crate) enum Route {
     Function { namespace: String, name: String },
     /// `/v1/packages/{sha256}`: a stored code package, for node agents.
     Package { digest: String },
+    /// `/v1/namespaces/{namespace}/replicas/{replica}/routes`: a proxy replica's routes poll.
+    /// NOTE: like the rest of the API, unauthenticated: whoever reaches the API can join as a
+    /// replica, so keep the API listener off networks other clients share.
+    ReplicaRoutes { namespace: String, replica: String },
+    /// `/v1/namespaces/{namespace}/replicas/{replica}/report`: a proxy replica's report.
+    ReplicaReport { namespace: String, replica: String },
 }
 
 impl Route {
@@ -45,6 +51,18 @@ impl Route {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
             }),
+            ["namespaces", namespace, "replicas", replica, "routes"] => {
+                Some(Route::ReplicaRoutes {
+                    namespace: namespace.to_string(),
+                    replica: replica.to_string(),
+                })
+            }
+            ["namespaces", namespace, "replicas", replica, "report"] => {
+                Some(Route::ReplicaReport {
+                    namespace: namespace.to_string(),
+                    replica: replica.to_string(),
+                })
+            }
             ["packages", digest] => Some(Route::Package {
                 digest: digest.to_string(),
             }),
@@ -58,7 +76,9 @@ impl Route {
             Route::Healthz
             | Route::Namespaces
             | Route::Functions { .. }
-            | Route::Package { .. } => "GET",
+            | Route::Package { .. }
+            | Route::ReplicaRoutes { .. } => "GET",
+            Route::ReplicaReport { .. } => "POST",
             Route::Namespace { .. } | Route::Function { .. } => "GET, PUT, DELETE",
         }
     }

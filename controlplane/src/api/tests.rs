@@ -22,6 +22,13 @@ struct FakeControl {
     namespaces: Mutex<Store>,
 }
 
+/// What `Platform` answers a replica of a namespace in default mode.
+fn replicas_unsupported(namespace: &str) -> PlatformError {
+    PlatformError::Conflict(format!(
+        "namespace {namespace:?}: proxy replicas serve k8s-mode namespaces only"
+    ))
+}
+
 fn not_found(what: String) -> PlatformError {
     PlatformError::NotFound { what }
 }
@@ -127,6 +134,24 @@ impl Control for FakeControl {
             .get(name)
             .map(status_of)
             .ok_or_else(|| not_found(format!("function {name:?}")))
+    }
+
+    async fn replica_routes(
+        &self,
+        namespace: &str,
+        _replica: &str,
+        _after: Option<u64>,
+    ) -> Result<Routes, PlatformError> {
+        Err(replicas_unsupported(namespace))
+    }
+
+    fn replica_report(
+        &self,
+        namespace: &str,
+        _replica: &str,
+        _report: &Report,
+    ) -> Result<ReportResponse, PlatformError> {
+        Err(replicas_unsupported(namespace))
     }
 }
 

@@ -50,6 +50,9 @@ pub struct KubeBackend {
     /// it in place; new pods follow it.
     current: parking_lot::Mutex<Installation>,
     status: Arc<parking_lot::Mutex<install::BindingStatus>>,
+    /// Pod watchers of the proxy replicas, by replica name, each routing the replica's pods
+    /// into the control plane's mirror of its table. The replica `local` uses `watcher`.
+    replicas: parking_lot::Mutex<std::collections::HashMap<String, PodWatcher>>,
 }
 
 /// A binding with the system objects applied for it and the task that keeps them applied.
@@ -138,6 +141,7 @@ impl KubeBackend {
                 task: None,
             }),
             status,
+            replicas: parking_lot::Mutex::new(std::collections::HashMap::new()),
         };
         Ok(backend)
     }
@@ -233,7 +237,21 @@ impl KubeBackend {
             name: name.clone(),
             uid: uid.clone(),
         };
-        let mut state = self.watcher.pod(&uid);
+        let followed = if request.replica == crate::backend::LOCAL_REPLICA {
+            Some(self.watcher.pod(&uid))
+        } else {
+            let replicas = self.replicas.lock();
+            replicas
+                .get(&request.replica)
+                .map(|watcher| watcher.pod(&uid))
+        };
+        let Some(mut state) = followed else {
+            // Dropping the guard deletes the pod.
+            return Err(InstanceFailure::Spawn(format!(
+                "proxy replica {} is gone; pod {name} is deleted",
+                request.replica
+            )));
+        };
         let ready = tokio::time::timeout_at(deadline, wait_routable(&mut state, &name)).await;
 
         match ready {
@@ -278,6 +296,28 @@ impl InstanceBackend for KubeBackend {
 
     fn binding_status(&self) -> Option<install::BindingStatus> {
         Some(self.status.lock().clone())
+    }
+
+    fn add_replica(&self, replica: &str, router: Arc<Router>) -> Result<String, String> {
+        let binding = self.current.lock().binding.clone();
+        let watcher = PodWatcher::spawn(
+            self.client.clone(),
+            WatchConfig {
+                namespace: binding.namespace.clone(),
+                resync_interval: Duration::from_millis(binding.resync_interval_ms),
+                runtime_port: fngate_proxy::pod_watch::RUNTIME_PORT,
+                owner: Some(self.owner.clone()),
+                replica: Some(replica.to_owned()),
+                function_namespace: Some(self.function_namespace.clone()),
+            },
+            router,
+        );
+        self.replicas.lock().insert(replica.to_owned(), watcher);
+        Ok(self.owner.clone())
+    }
+
+    fn remove_replica(&self, replica: &str) {
+        self.replicas.lock().remove(replica);
     }
 
     fn update_binding(&self, spec: &crate::model::NamespaceSpec) -> bool {

@@ -1,0 +1,567 @@
+//! A proxy replica in k8s mode (`fngate proxy`): a proxy of its own, outside the control
+//! plane, that routes one function namespace's requests to the runtime pods labelled with its
+//! name.
+//!
+//! The replica learns the namespace's functions from the control plane by long poll
+//! ([`protocol::Routes`]) and its pods from a pod watcher of its own. It reports its demand and
+//! each instance's load ([`protocol::Report`]) when a request queues and at least every
+//! [`REPORT_INTERVAL`]; the control plane runs one scaler per function for it on those figures,
+//! and responds with the start failures its waiting requests should fail with. The report is
+//! also the replica's heartbeat: after [`EXPIRY`] without one, the control plane deletes the
+//! replica's pods.
+
+pub mod protocol;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use metrics::counter;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::instance::{Instance, InstanceState};
+use crate::pod_watch::{PodWatcher, WatchConfig, RUNTIME_PORT};
+use crate::pool::Pool;
+use crate::table::{FunctionKey, Router};
+use protocol::{FunctionReport, InstanceReport, Report, ReportResponse, Routes};
+
+/// Longest time between two reports; a replica reports sooner when a request queues.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Time without a report after which the control plane counts a replica as gone.
+pub const EXPIRY: Duration = Duration::from_secs(5);
+/// Longest time the control plane holds a routes poll before it responds with unchanged routes.
+pub const ROUTES_POLL_LIMIT: Duration = Duration::from_secs(25);
+/// Longest wait for the response to a report.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Delays between attempts to reach the control plane: the first, and the longest.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What a replica needs to know about itself.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// Base URL of the control-plane API, `http://host:port`.
+    pub control_plane: Uri,
+    /// The function namespace the replica serves.
+    pub namespace: String,
+    /// The replica's name (its pod's name); runtime pods carry it in `fngate.io/replica`.
+    pub replica: String,
+    /// The k8s namespace of the runtime pods.
+    pub kube_namespace: String,
+}
+
+impl ReplicaConfig {
+    fn path(&self, tail: &str) -> String {
+        format!(
+            "/v1/namespaces/{}/replicas/{}/{tail}",
+            self.namespace, self.replica
+        )
+    }
+}
+
+/// Checks a control-plane URL: `http://host:port`, with nothing after the authority.
+pub fn parse_control_plane(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|error| format!("{url:?} is not a URL: {error}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{url:?}: only http:// URLs are supported"));
+    }
+    if uri.authority().is_none() {
+        return Err(format!("{url:?} names no host"));
+    }
+    if !matches!(uri.path(), "" | "/") {
+        return Err(format!(
+            "{url:?}: give the API's base URL without a path, such as http://fngate:8082"
+        ));
+    }
+    Ok(uri)
+}
+
+/// The running replica: its routes poll and its report loop.
+pub struct Replica {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Replica {
+    /// Starts polling routes into `router` and reporting its load. `router` counts as synced
+    /// once the first routes arrived and the pod watcher listed the pods.
+    pub fn spawn(config: ReplicaConfig, kube: kube::Client, router: Arc<Router>) -> Replica {
+        let demand = Arc::new(Notify::new());
+        router.add_namespace(&config.namespace);
+        let routes = tokio::spawn(poll_routes(RoutesState {
+            config: config.clone(),
+            kube,
+            router: Arc::clone(&router),
+            demand: Arc::clone(&demand),
+            watcher: None,
+            forwarders: HashMap::new(),
+        }));
+        let reports = tokio::spawn(report_loop(config, router, demand));
+        Replica {
+            tasks: vec![routes, reports],
+        }
+    }
+}
+
+struct RoutesState {
+    config: ReplicaConfig,
+    kube: kube::Client,
+    router: Arc<Router>,
+    /// Signalled when a request queues on any function, so the report goes out at once.
+    demand: Arc<Notify>,
+    /// The pod watcher, with the owner whose pods it routes.
+    watcher: Option<(String, PodWatcher)>,
+    /// Per function, a task that passes its pool's demand signal on to `demand`.
+    forwarders: HashMap<FunctionKey, (Arc<Pool>, JoinHandle<()>)>,
+}
+
+impl Drop for RoutesState {
+    fn drop(&mut self) {
+        for (_, task) in self.forwarders.values() {
+            task.abort();
+        }
+    }
+}
+
+async fn poll_routes(mut state: RoutesState) {
+    let mut version: Option<u64> = None;
+    let mut delay = RETRY_MIN;
+    let mut failing = false;
+    loop {
+        let path = match version {
+            Some(version) => state.config.path(&format!("routes?after={version}")),
+            None => state.config.path("routes"),
+        };
+        let limit = ROUTES_POLL_LIMIT + REPORT_TIMEOUT;
+        let response = call(&state.config.control_plane, Method::GET, &path, None, limit).await;
+        match response.and_then(|body| decode::<Routes>(&body)) {
+            Ok(routes) => {
+                if failing {
+                    tracing::info!("control plane reachable again; routes are current");
+                    failing = false;
+                }
+                delay = RETRY_MIN;
+                version = Some(routes.version);
+                state.apply(routes);
+            }
+            Err(error) => {
+                counter!("fngate_replica_control_plane_errors_total", "call" => "routes")
+                    .increment(1);
+                if !failing {
+                    tracing::warn!(error = %error, "cannot fetch routes from the control plane; \
+                        serving the last routes and retrying");
+                    failing = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+impl RoutesState {
+    fn apply(&mut self, routes: Routes) {
+        let namespace = &self.config.namespace;
+        let entries = routes
+            .functions
+            .iter()
+            .map(|entry| {
+                let key = FunctionKey {
+                    namespace: namespace.clone(),
+                    name: entry.name.clone(),
+                    qualifier: entry.qualifier.clone(),
+                };
+                (key, entry.settings())
+            })
+            .collect();
+        self.router.replace(entries);
+        // `replace` drops a namespace without functions; keep it, so a request for a missing
+        // function reads "function not found".
+        self.router.add_namespace(namespace);
+
+        if self.watcher.as_ref().map(|(owner, _)| owner) != Some(&routes.owner) {
+            if let Some((previous, watcher)) = self.watcher.take() {
+                drop(watcher);
+                // A new owner is a restarted control plane, which deletes the previous one's
+                // pods. Requests in flight on them finish; new ones wait for new pods.
+                tracing::info!(previous = %previous, owner = %routes.owner,
+                    "control plane restarted; routing only the pods it owns");
+                for function in self.router.table().functions() {
+                    for instance in function.pool.instances().iter() {
+                        function
+                            .pool
+                            .remove_instance(instance.id(), InstanceState::Draining);
+                    }
+                }
+            }
+            let watcher = PodWatcher::spawn(
+                self.kube.clone(),
+                WatchConfig {
+                    namespace: self.config.kube_namespace.clone(),
+                    resync_interval: Duration::from_millis(routes.resync_interval_ms.max(1_000)),
+                    runtime_port: RUNTIME_PORT,
+                    owner: Some(routes.owner.clone()),
+                    replica: Some(self.config.replica.clone()),
+                    function_namespace: Some(namespace.clone()),
+                },
+                Arc::clone(&self.router),
+            );
+            self.watcher = Some((routes.owner, watcher));
+        }
+
+        let table = self.router.table();
+        let mut live = HashMap::new();
+        for function in table.functions() {
+            live.insert(function.key.clone(), Arc::clone(&function.pool));
+        }
+        self.forwarders.retain(|key, (pool, task)| {
+            let keep = live.get(key).is_some_and(|live| Arc::ptr_eq(live, pool));
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (key, pool) in live {
+            self.forwarders.entry(key).or_insert_with(|| {
+                let demand = Arc::clone(&self.demand);
+                let watched = Arc::clone(&pool);
+                let task = tokio::spawn(async move {
+                    loop {
+                        watched.demand_changed().await;
+                        demand.notify_one();
+                    }
+                });
+                (pool, task)
+            });
+        }
+        self.router.mark_synced();
+    }
+}
+
+/// Sends a report whenever a request queued and at least every [`REPORT_INTERVAL`], one at a
+/// time, and applies each response.
+async fn report_loop(config: ReplicaConfig, router: Arc<Router>, demand: Arc<Notify>) {
+    let mut tracker = ReportTracker::default();
+    let path = config.path("report");
+    let mut failing = false;
+    loop {
+        let report = tracker.report(&router, &config.namespace);
+        let body = serde_json::to_vec(&report).expect("a report serializes");
+        let response = call(
+            &config.control_plane,
+            Method::POST,
+            &path,
+            Some(body),
+            REPORT_TIMEOUT,
+        )
+        .await;
+        match response.and_then(|body| decode::<ReportResponse>(&body)) {
+            Ok(response) => {
+                if failing {
+                    tracing::info!("control plane reachable again; reports go through");
+                    failing = false;
+                }
+                tracker.apply(&router, &config.namespace, response);
+            }
+            Err(error) => {
+                counter!("fngate_replica_control_plane_errors_total", "call" => "report")
+                    .increment(1);
+                if !failing {
+                    tracing::warn!(error = %error, "cannot report to the control plane; \
+                        no new instances start for this replica until it responds");
+                    failing = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = demand.notified() => {}
+            () = tokio::time::sleep(REPORT_INTERVAL) => {}
+        }
+    }
+}
+
+/// What the report loop remembers between reports.
+///
+/// NOTE: a pod this replica marks failed (unreachable) leaves its routing at once, but the
+/// report does not say so. The control plane replaces it only once the pod's status shows the
+/// failure or keep-warm expires.
+#[derive(Default)]
+struct ReportTracker {
+    /// Per function, the instances of the last report, so that an instance the replica stopped
+    /// routing is still reported while requests on it are in flight.
+    reported: HashMap<FunctionKey, HashMap<u64, Arc<Instance>>>,
+    /// Per function, the end of the back-off of the start failure applied last.
+    failures: HashMap<FunctionKey, Instant>,
+}
+
+impl ReportTracker {
+    fn report(&mut self, router: &Router, namespace: &str) -> Report {
+        let table = router.table();
+        let mut functions = Vec::new();
+        let mut reported = HashMap::new();
+        for function in table.functions() {
+            if function.key.namespace != namespace {
+                continue;
+            }
+            let mut current: HashMap<u64, Arc<Instance>> = function
+                .pool
+                .instances()
+                .iter()
+                .map(|instance| (instance.id(), Arc::clone(instance)))
+                .collect();
+            let routed = current.len();
+            // Instances no longer routed: reported until their last request finished, and
+            // once more at zero.
+            let mut unrouted = Vec::new();
+            if let Some(previous) = self.reported.remove(&function.key) {
+                for (id, instance) in previous {
+                    if let std::collections::hash_map::Entry::Vacant(entry) = current.entry(id) {
+                        unrouted.push(Arc::clone(&instance));
+                        entry.insert(instance);
+                    }
+                }
+            }
+            let demand = function.pool.demand();
+            let mut instances: Vec<InstanceReport> = current
+                .values()
+                .map(|instance| InstanceReport {
+                    id: instance.id(),
+                    in_flight: instance.in_flight(),
+                    idle_ms: u64::try_from(instance.idle_for().as_millis()).unwrap_or(u64::MAX),
+                })
+                .collect();
+            instances.sort_by_key(|instance| instance.id);
+            debug_assert!(current.len() == routed + unrouted.len());
+            for instance in unrouted {
+                if instance.in_flight() == 0 {
+                    current.remove(&instance.id());
+                }
+            }
+            if demand.total() > 0 || !instances.is_empty() {
+                functions.push(FunctionReport {
+                    name: function.key.name.clone(),
+                    qualifier: function.key.qualifier.clone(),
+                    queued: demand.queued,
+                    in_flight: demand.in_flight,
+                    instances,
+                });
+            }
+            reported.insert(function.key.clone(), current);
+        }
+        self.reported = reported;
+        Report { functions }
+    }
+
+    fn apply(&mut self, router: &Router, namespace: &str, response: ReportResponse) {
+        let now = Instant::now();
+        let mut noted = std::collections::HashSet::new();
+        for notice in response.functions {
+            let Ok(function) = router.lookup(namespace, &notice.name, &notice.qualifier) else {
+                continue;
+            };
+            noted.insert(function.key.clone());
+            function.pool.set_capacity_note(notice.capacity_note);
+            let Some(failure) = notice.start_failure else {
+                continue;
+            };
+            let retry_at = now + Duration::from_millis(failure.retry_in_ms);
+            // The same failure comes back in every response until its back-off ends; a later
+            // end means a new failure.
+            let known = self.failures.get(&function.key);
+            if known.is_none_or(|known| retry_at > *known + Duration::from_millis(500)) {
+                self.failures.insert(function.key.clone(), retry_at);
+                function.pool.record_start_failure(failure.reason, retry_at);
+            }
+        }
+        for function in router.table().functions() {
+            if !noted.contains(&function.key) {
+                function.pool.set_capacity_note(None);
+            }
+        }
+        self.failures.retain(|_, retry_at| *retry_at > now);
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|error| format!("invalid response body: {error}"))
+}
+
+/// Sends one request to the control plane on a new connection and returns the body of a 2xx
+/// response. Any other status becomes an error carrying the body's text.
+async fn call(
+    base: &Uri,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    limit: Duration,
+) -> Result<Bytes, String> {
+    let authority = base.authority().expect("checked by parse_control_plane");
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(authority.as_str())
+            .await
+            .map_err(|error| format!("cannot connect to {authority}: {error}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|error| format!("HTTP handshake with {authority} failed: {error}"))?;
+        tokio::spawn(connection);
+        let mut request = http::Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header(http::header::HOST, authority.as_str());
+        if body.is_some() {
+            request = request.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|error| format!("cannot build the request: {error}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|error| format!("{method} {path} failed: {error}"))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|error| format!("{method} {path}: failed to read the response: {error}"))?
+            .to_bytes();
+        if status == StatusCode::OK {
+            Ok(bytes)
+        } else {
+            Err(format!(
+                "{method} {path} returned {status}: {}",
+                String::from_utf8_lossy(&bytes).trim()
+            ))
+        }
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "{method} {path} timed out after {}ms",
+                limit.as_millis()
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{FunctionKind, FunctionSettings};
+
+    fn router_with_function() -> (Router, Arc<crate::table::Function>) {
+        let router = Router::new();
+        let key = FunctionKey {
+            namespace: "team".into(),
+            name: "site".into(),
+            qualifier: "$LATEST".into(),
+        };
+        let settings = FunctionSettings {
+            kind: FunctionKind::Web,
+            memory_mb: 128,
+            timeout: Duration::from_secs(3),
+            queue_budget: Duration::from_secs(1),
+            queue_limit: 10,
+            max_body_bytes: 1024,
+            concurrency: 1,
+        };
+        let function = router.upsert(key, settings);
+        (router, function)
+    }
+
+    fn reported_ids(report: &Report) -> Vec<(u64, u32)> {
+        report
+            .functions
+            .iter()
+            .flat_map(|function| function.instances.iter().map(|i| (i.id, i.in_flight)))
+            .collect()
+    }
+
+    /// An instance the replica stops routing stays in the reports while a request on it runs,
+    /// appears once more at zero, and then no more; demand follows the pool.
+    #[tokio::test]
+    async fn unrouted_instance_reported_until_idle() {
+        let (router, function) = router_with_function();
+        let addr = "127.0.0.1:9".parse().unwrap();
+        let instance = Arc::new(Instance::new(7, addr, 1, Duration::ZERO));
+        function.pool.add_instance(Arc::clone(&instance));
+        let mut tracker = ReportTracker::default();
+        assert_eq!(reported_ids(&tracker.report(&router, "team")), [(7, 0)]);
+
+        let permit = function.pool.acquire(Duration::from_secs(1)).await.unwrap();
+        let report = tracker.report(&router, "team");
+        assert_eq!(report.functions[0].in_flight, 1);
+        function.pool.remove_instance(7, InstanceState::Draining);
+        assert_eq!(reported_ids(&tracker.report(&router, "team")), [(7, 1)]);
+        assert_eq!(reported_ids(&tracker.report(&router, "team")), [(7, 1)]);
+
+        drop(permit);
+        assert_eq!(reported_ids(&tracker.report(&router, "team")), [(7, 0)]);
+        let report = tracker.report(&router, "team");
+        assert!(report.functions.is_empty(), "{report:?}");
+    }
+
+    /// A start failure is applied once per back-off: repeated in later responses it fails no
+    /// request that queued after it.
+    #[tokio::test]
+    async fn repeated_start_failure_applied_once() {
+        let (router, function) = router_with_function();
+        let mut tracker = ReportTracker::default();
+        let response = |retry_in_ms| ReportResponse {
+            functions: vec![protocol::FunctionNotice {
+                name: "site".into(),
+                qualifier: "$LATEST".into(),
+                start_failure: Some(protocol::StartFailureNotice {
+                    reason: "image not pullable".into(),
+                    retry_in_ms,
+                }),
+                capacity_note: Some("quota in use".into()),
+            }],
+        };
+        tracker.apply(&router, "team", response(60_000));
+        assert_eq!(
+            function.pool.capacity_note().as_deref(),
+            Some("quota in use")
+        );
+        let first = function.pool.start_failure().expect("failure recorded");
+        tracker.apply(&router, "team", response(59_000));
+        let second = function.pool.start_failure().unwrap();
+        assert_eq!(
+            first.retry_at, second.retry_at,
+            "the same failure applied twice"
+        );
+
+        tracker.apply(&router, "team", ReportResponse::default());
+        assert_eq!(function.pool.capacity_note(), None);
+    }
+
+    #[test]
+    fn control_plane_url_checked() {
+        assert!(parse_control_plane("http://fngate:8082").is_ok());
+        assert!(parse_control_plane("http://10.0.0.1:8082/").is_ok());
+        for bad in [
+            "fngate:8082",
+            "https://fngate:8082",
+            "http://fngate/api",
+            "http://",
+        ] {
+            assert!(parse_control_plane(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! End-to-end tests of proxy replicas in k8s mode: `fngate serve` bound to kubesim, and
+//! `fngate proxy` processes that take their routes from it and report their load to it. Each
+//! replica routes only the pods labelled with its name.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::k8s::*;
+use common::*;
+use k8s_openapi::api::core::v1::Pod;
+
+/// A running `fngate proxy` process.
+struct ReplicaProcess {
+    child: Child,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    stderr_path: PathBuf,
+}
+
+impl Drop for ReplicaProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ReplicaProcess {
+    /// Starts replica `name` of namespace `default` against `env`'s control plane and cluster,
+    /// and waits until its `/readyz` answers 200.
+    async fn start(env: &Env, name: &str) -> ReplicaProcess {
+        let stderr_path = env.fngate.dir.path().join(format!("{name}.stderr"));
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fngate"))
+            .arg("proxy")
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--proxy-threads", "1"])
+            .args(["--control-plane", &format!("http://{}", env.fngate.api)])
+            .args(["--namespace", "default", "--kube-namespace", &env.namespace])
+            .args(["--replica", name])
+            .arg("--kubeconfig")
+            .arg(&env.kubeconfig)
+            .args(["--context", "kubesim"])
+            .args(["--shutdown-grace-ms", "2000"])
+            .env("FNGATE_LOG", "info,fngate_proxy=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("failed to start fngate proxy");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let address = |line: &str| -> Option<SocketAddr> {
+            let rest = line.split("listening on http://").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        };
+        let (mut proxy, mut admin) = (None, None);
+        let deadline = Instant::now() + WAIT_LIMIT;
+        while proxy.is_none() || admin.is_none() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(remaining).unwrap_or_else(|_| {
+                panic!(
+                    "fngate proxy printed no addresses; stderr:\n{}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                )
+            });
+            if line.starts_with("fngate: admin listening") {
+                admin = address(&line);
+            } else if line.starts_with("fngate: proxy replica") {
+                proxy = address(&line);
+            }
+        }
+        let replica = ReplicaProcess {
+            child,
+            proxy: proxy.unwrap(),
+            admin: admin.unwrap(),
+            stderr_path,
+        };
+        loop {
+            let reply = get(replica.admin, "/readyz").await;
+            if reply.status == 200 {
+                return replica;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {name} never became ready: {}\n{}",
+                reply.text(),
+                replica.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn replica_of(pod: &Pod) -> String {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get("fngate.io/replica"))
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn replicas_of(pods: &[Pod]) -> Vec<String> {
+    let mut replicas: Vec<String> = pods.iter().map(replica_of).collect();
+    replicas.sort();
+    replicas
+}
+
+/// Each replica starts pods labelled with its name and reuses its own warm pod, and the
+/// function's status lists the instances of both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_route_only_their_own_pods() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start_sim(dir, "", &web_toml("site", &code, "")).await;
+    let a = ReplicaProcess::start(&env, "proxy-a").await;
+    let b = ReplicaProcess::start(&env, "proxy-b").await;
+
+    let first = get(a.proxy, "/web/default/site/one").await;
+    assert_eq!(first.status, 200, "{}\n{}", first.text(), a.stderr());
+    assert_eq!(first.json()["path"], "/one");
+    let pods = env.runtime_pods().await;
+    assert_eq!(replicas_of(&pods), ["proxy-a"]);
+
+    let other = get(b.proxy, "/web/default/site/two").await;
+    assert_eq!(other.status, 200, "{}\n{}", other.text(), b.stderr());
+    assert_ne!(pid_of(&other), pid_of(&first), "replica b used a's pod");
+    assert_eq!(
+        replicas_of(&env.runtime_pods().await),
+        ["proxy-a", "proxy-b"]
+    );
+
+    let again = get(a.proxy, "/web/default/site/three").await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(
+        pid_of(&again),
+        pid_of(&first),
+        "a's warm pod was not reused"
+    );
+    assert_eq!(env.runtime_pods().await.len(), 2);
+
+    let status = get(env.fngate.api, "/v1/namespaces/default/functions/site").await;
+    let mut listed: Vec<String> = status.json()["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|instance| instance["state"] == "ready")
+        .map(|instance| instance["replica"].as_str().unwrap().to_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["proxy-a", "proxy-b"], "{}", status.text());
+}
+
+/// A replica that stops reporting loses its pods once it expires; the other replica goes on
+/// serving from its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_replica_pods_are_deleted() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start_sim(dir, "", &web_toml("site", &code, "")).await;
+    let mut a = ReplicaProcess::start(&env, "proxy-a").await;
+    let b = ReplicaProcess::start(&env, "proxy-b").await;
+    for replica in [&a, &b] {
+        let reply = get(replica.proxy, "/web/default/site/").await;
+        assert_eq!(reply.status, 200, "{}\n{}", reply.text(), replica.stderr());
+    }
+    let kept = get(b.proxy, "/web/default/site/").await;
+    assert_eq!(
+        replicas_of(&env.runtime_pods().await),
+        ["proxy-a", "proxy-b"]
+    );
+
+    a.kill();
+    env.wait_pods("only replica b's", |pods| replicas_of(pods) == ["proxy-b"])
+        .await;
+    assert!(
+        env.fngate
+            .stderr()
+            .contains("proxy replica stopped reporting"),
+        "{}",
+        env.fngate.stderr()
+    );
+    let reply = get(b.proxy, "/web/default/site/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(pid_of(&reply), pid_of(&kept), "b's pod was replaced");
+}
+
+/// Keep-warm on a replica's pod counts from the replica's last request: a pod busy for twice
+/// keep-warm is still routed when its request ends, and is deleted once idle for keep-warm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_pod_kept_while_busy_then_expires() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let functions = web_toml("site", &code, "keep_warm_ms = 2000\ntimeout_ms = 10000");
+    let env = Env::start_sim(dir, "", &functions).await;
+    let a = ReplicaProcess::start(&env, "proxy-a").await;
+
+    let slow = get(a.proxy, "/web/default/site/?ms=4000").await;
+    assert_eq!(slow.status, 200, "{}\n{}", slow.text(), a.stderr());
+    // Sent at once: the pod's keep-warm has only just started.
+    let next = get(a.proxy, "/web/default/site/").await;
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_eq!(
+        pid_of(&next),
+        pid_of(&slow),
+        "the pod was retired while its request ran:\n{}",
+        env.fngate.stderr()
+    );
+
+    env.wait_pods("empty after keep-warm", |pods| pods.is_empty())
+        .await;
+    let last = get(a.proxy, "/web/default/site/").await;
+    assert_eq!(last.status, 200, "{}", last.text());
+    assert_ne!(pid_of(&last), pid_of(&slow));
+}
+
+/// The replica endpoints reject what they cannot serve with a JSON error naming the problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_endpoints_reject_bad_requests() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let fngate = tokio::task::block_in_place(|| {
+        Fngate::start(dir, &platform_file(&web_toml("site", &code, "")))
+    });
+    let cases = [
+        (
+            "/v1/namespaces/default/replicas/proxy-a/routes",
+            409,
+            "k8s-mode",
+        ),
+        ("/v1/namespaces/nope/replicas/proxy-a/routes", 404, "nope"),
+        (
+            "/v1/namespaces/default/replicas/Proxy_A/routes",
+            400,
+            "replica",
+        ),
+        (
+            "/v1/namespaces/default/replicas/local/routes",
+            400,
+            "replica",
+        ),
+        (
+            "/v1/namespaces/default/replicas/proxy-a/routes?after=x",
+            400,
+            "after",
+        ),
+        (
+            "/v1/namespaces/default/replicas/proxy-a/routes?since=1",
+            400,
+            "since",
+        ),
+    ];
+    for (path, status, needle) in cases {
+        let reply = get(fngate.api, path).await;
+        assert_eq!(reply.status, status, "{path}: {}", reply.text());
+        let message = reply.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(needle), "{path}: {message}");
+    }
+    let reply = request(
+        fngate.api,
+        hyper::Method::POST,
+        "/v1/namespaces/default/replicas/proxy-a/report",
+        "[1]",
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+}
