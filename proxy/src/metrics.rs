@@ -170,7 +170,11 @@ fn describe() {
         UPSTREAM_RETRIES,
         "Requests moved to another instance because the first never received them."
     );
-    describe_gauge!("fngate_instances", "Instances by state.");
+    describe_gauge!("fngate_instances", "Instances by state and proxy replica.");
+    describe_counter!(
+        "fngate_replica_control_plane_errors_total",
+        "Failed calls of a proxy replica to the control plane."
+    );
     describe_counter!("fngate_instance_starts_total", "Instance starts by result.");
     describe_histogram!(
         "fngate_instance_boot_seconds",
