@@ -291,3 +291,92 @@ async fn replica_endpoints_reject_bad_requests() {
     .await;
     assert_eq!(reply.status, 400, "{}", reply.text());
 }
+
+/// Polls the function's status until `condition` holds for its instances.
+async fn wait_instances(
+    env: &Env,
+    replica: &ReplicaProcess,
+    what: &str,
+    condition: impl Fn(&[serde_json::Value]) -> bool,
+) {
+    let deadline = Instant::now() + WAIT_LIMIT;
+    loop {
+        let status = get(env.fngate.api, "/v1/namespaces/default/functions/site").await;
+        let instances = status.json()["instances"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if condition(&instances) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "instances never became {what}: {}\n{}\n{}",
+            status.text(),
+            env.fngate.stderr(),
+            replica.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Changing a function replaces a replica's pod without failing the request in flight on it:
+/// the update returns once the replica's old pod is out of routing, the next request reaches a
+/// new pod, and the old pod is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_drains_replica_pod() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start_sim(dir, "", &web_toml("site", &code, "timeout_ms = 10000")).await;
+    let a = ReplicaProcess::start(&env, "proxy-a").await;
+    let warm = get(a.proxy, "/web/default/site/").await;
+    assert_eq!(warm.status, 200, "{}\n{}", warm.text(), a.stderr());
+    let old_pod = name_of(&env.runtime_pods().await[0]);
+
+    let proxy = a.proxy;
+    let slow = tokio::spawn(async move { get(proxy, "/web/default/site/?ms=2000").await });
+    // The control plane knows of the request from the replica's report.
+    wait_instances(&env, &a, "busy", |instances| {
+        instances
+            .iter()
+            .any(|i| i["replica"] == "proxy-a" && i["in_flight"] == 1)
+    })
+    .await;
+
+    let body = serde_json::json!({
+        "kind": "web",
+        "code": {"directory": code.dir},
+        "timeout_ms": 10000,
+        "env": {"VERSION": "2"},
+    });
+    let update = put_json(
+        env.fngate.api,
+        "/v1/namespaces/default/functions/site",
+        &body,
+    )
+    .await;
+    assert_eq!(update.status, 200, "{}", update.text());
+
+    let after = get(a.proxy, "/web/default/site/").await;
+    assert_eq!(after.status, 200, "{}\n{}", after.text(), a.stderr());
+    assert_ne!(
+        pid_of(&after),
+        pid_of(&warm),
+        "the old pod served after the update"
+    );
+    let slow = slow.await.unwrap();
+    assert_eq!(
+        slow.status,
+        200,
+        "in-flight request failed: {}",
+        slow.text()
+    );
+    assert_eq!(pid_of(&slow), pid_of(&warm));
+
+    env.wait_pods("without the old pod", |pods| {
+        !pods.iter().any(|pod| name_of(pod) == old_pod)
+    })
+    .await;
+    let replicas = replicas_of(&env.runtime_pods().await);
+    assert!(replicas.iter().all(|r| r == "proxy-a"), "{replicas:?}");
+}

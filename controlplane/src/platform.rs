@@ -722,10 +722,7 @@ impl Platform {
             };
             let pool = &lane.function.pool;
             let load = reported.get(&(function.spec.name.as_str(), LATEST));
-            pool.set_reported_demand(load.map_or(Demand::default(), |load| Demand {
-                in_flight: load.in_flight,
-                queued: load.queued,
-            }));
+            // Usage first: the demand below wakes the scaler, which then reads both.
             if let Some(load) = load {
                 let live = lane.live.lock();
                 for instance in &load.instances {
@@ -735,6 +732,10 @@ impl Platform {
                     }
                 }
             }
+            pool.set_reported_demand(load.map_or(Demand::default(), |load| Demand {
+                in_flight: load.in_flight,
+                queued: load.queued,
+            }));
             let start_failure = pool
                 .start_failure()
                 .filter(|failure| failure.retry_at > now)

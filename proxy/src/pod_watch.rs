@@ -159,6 +159,8 @@ struct PodView {
     draining: bool,
     owner: Option<String>,
     replica: Option<String>,
+    /// The control plane's id of the instance, from the `fngate.io/instance` label.
+    instance_id: Option<u64>,
     failure: Option<PodFailure>,
     waiting: Option<String>,
 }
@@ -227,6 +229,11 @@ impl PodView {
                 .as_ref()
                 .and_then(|labels| labels.get(LABEL_REPLICA))
                 .cloned(),
+            instance_id: meta
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(LABEL_INSTANCE))
+                .and_then(|id| id.parse().ok()),
             failure,
             waiting,
         })
@@ -628,8 +635,15 @@ impl Tracker {
                 Some(instance) if instance.addr() == addr => Arc::clone(instance),
                 _ => {
                     let boot_time = tracked.first_seen.elapsed();
+                    // The control plane's id, so that a replica's reports and the control
+                    // plane's mirror name an instance alike. Unique among the pods of one
+                    // owner, which is all a watcher with an owner routes.
+                    let id = match (&self.owner, view.instance_id) {
+                        (Some(_), Some(id)) => id,
+                        _ => next_instance_id(),
+                    };
                     let instance = Arc::new(Instance::new(
-                        next_instance_id(),
+                        id,
                         addr,
                         function.settings().concurrency,
                         boot_time,

@@ -262,6 +262,7 @@ async fn report_loop(config: ReplicaConfig, router: Arc<Router>, demand: Arc<Not
     loop {
         let report = tracker.report(&router, &config.namespace);
         let body = serde_json::to_vec(&report).expect("a report serializes");
+        tracing::trace!(report = %String::from_utf8_lossy(&body), "reporting load");
         let response = call(
             &config.control_plane,
             Method::POST,
