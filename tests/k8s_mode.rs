@@ -1287,6 +1287,44 @@ async fn api_binding_is_checked_and_reports_status() {
         relative.text()
     );
 
+    // A port beyond u16 parses, so validation rejects it with the field and the range.
+    let proxy_settings = [
+        (
+            json!({"support_service_port": 70000}),
+            "kubernetes.support_service_port",
+            "between 1 and 65535, got 70000",
+        ),
+        (
+            json!({"proxy_replicas": 0}),
+            "kubernetes.proxy_replicas",
+            "between 1 and 100, got 0",
+        ),
+        (
+            json!({"service_type": "External"}),
+            "kubernetes.service_type",
+            "use one of",
+        ),
+        (
+            json!({"service_annotations": {"bad key!": "x"}}),
+            "kubernetes.service_annotations.bad key!",
+            "annotation key",
+        ),
+    ];
+    for (setting, field, needle) in proxy_settings {
+        let mut binding = json!({"kubeconfig": kubeconfig, "context": "kubesim", "namespace": env.namespace, "install": false});
+        binding
+            .as_object_mut()
+            .unwrap()
+            .extend(setting.as_object().unwrap().clone());
+        let rejected = put("other", binding).await;
+        assert_eq!(rejected.status, 400, "{setting}: {}", rejected.text());
+        let error = &rejected.json()["error"];
+        assert_eq!(error["code"], "InvalidParameterValue", "{setting}: {error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(field), "{setting}: {message}");
+        assert!(message.contains(needle), "{setting}: {message}");
+    }
+
     let valid = put(
         "other",
         json!({"kubeconfig": kubeconfig, "context": "kubesim", "namespace": env.namespace, "install": false}),

@@ -56,6 +56,10 @@ pub fn namespace(spec: &NamespaceSpec) -> Result<(), PlatformError> {
 pub const RESYNC_INTERVAL_MS_MIN: u64 = 1_000;
 const TOLERATION_OPERATORS: [&str; 2] = ["Equal", "Exists"];
 const TAINT_EFFECTS: [&str; 3] = ["NoSchedule", "PreferNoSchedule", "NoExecute"];
+/// Largest proxy Deployment. Each replica keeps its own warm pods and reports to the control
+/// plane every second, so more replicas cost pods and control-plane load.
+pub const PROXY_REPLICAS_MAX: u32 = 100;
+const SERVICE_TYPES: [&str; 3] = ["ClusterIP", "NodePort", "LoadBalancer"];
 
 /// Checks a k8s-mode binding: what the pods' spec and the watcher take from it.
 fn check_binding(binding: &KubeBinding) -> Result<(), PlatformError> {
@@ -162,6 +166,44 @@ fn check_binding(binding: &KubeBinding) -> Result<(), PlatformError> {
                 binding.resync_interval_ms
             ),
         ));
+    }
+    check_proxy_settings(binding)
+}
+
+/// Checks the settings of the proxy Deployment and its Service.
+fn check_proxy_settings(binding: &KubeBinding) -> Result<(), PlatformError> {
+    check_range(
+        "kubernetes.support_service_port",
+        binding.support_service_port,
+        1,
+        u32::from(u16::MAX),
+        "",
+    )?;
+    check_range(
+        "kubernetes.proxy_replicas",
+        binding.proxy_replicas,
+        1,
+        PROXY_REPLICAS_MAX,
+        "",
+    )?;
+    if !SERVICE_TYPES.contains(&binding.service_type.as_str()) {
+        return Err(PlatformError::invalid(
+            "kubernetes.service_type",
+            format!(
+                "unknown service type {:?}; use one of {SERVICE_TYPES:?}",
+                binding.service_type
+            ),
+        ));
+    }
+    for key in binding.service_annotations.keys() {
+        if let Some(problem) = label_key_problem(key) {
+            return Err(PlatformError::invalid(
+                format!("kubernetes.service_annotations.{key}"),
+                format!(
+                    "{problem} in the annotation key {key:?}; keys follow the label key syntax"
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -843,6 +885,31 @@ tolerations = [{ key = "dedicated", operator = "Equal", value = "fn", effect = "
     }
 
     #[test]
+    fn binding_proxy_settings_have_defaults() {
+        let toml = "name = \"team\"\n[kubernetes]\nnamespace = \"runtime\"\n";
+        let spec: NamespaceSpec = toml::from_str(toml).unwrap();
+        let binding = spec.kubernetes.unwrap();
+        assert_eq!(binding.support_service_port, 8080);
+        assert_eq!(binding.proxy_replicas, 2);
+        assert_eq!(binding.service_type, "ClusterIP");
+        assert!(binding.service_annotations.is_empty());
+    }
+
+    #[test]
+    fn binding_accepts_proxy_settings() {
+        let accepted = [
+            "support_service_port = 1\nproxy_replicas = 1",
+            "support_service_port = 65535\nproxy_replicas = 100",
+            r#"service_type = "NodePort""#,
+            r#"service_type = "LoadBalancer"
+service_annotations = { "service.beta.kubernetes.io/aws-load-balancer-internal" = "true", "note" = "free text: any value, even with spaces" }"#,
+        ];
+        for binding in accepted {
+            assert_eq!(binding_error(binding), None, "{binding}");
+        }
+    }
+
+    #[test]
     fn binding_errors_name_the_field() {
         let cases = [
             (
@@ -886,6 +953,46 @@ tolerations = [{ key = "dedicated", operator = "Equal", value = "fn", effect = "
                 "at least",
             ),
             (r#"context = """#, "kubernetes.context", "empty"),
+            (
+                "support_service_port = 0",
+                "kubernetes.support_service_port",
+                "between 1 and 65535, got 0",
+            ),
+            (
+                "support_service_port = 70000",
+                "kubernetes.support_service_port",
+                "between 1 and 65535, got 70000",
+            ),
+            (
+                "proxy_replicas = 0",
+                "kubernetes.proxy_replicas",
+                "between 1 and 100, got 0",
+            ),
+            (
+                "proxy_replicas = 101",
+                "kubernetes.proxy_replicas",
+                "between 1 and 100, got 101",
+            ),
+            (
+                r#"service_type = "ExternalName""#,
+                "kubernetes.service_type",
+                r#""ExternalName"; use one of ["ClusterIP", "NodePort", "LoadBalancer"]"#,
+            ),
+            (
+                r#"service_type = "clusterip""#,
+                "kubernetes.service_type",
+                r#""clusterip""#,
+            ),
+            (
+                r#"service_annotations = { "bad key!" = "x" }"#,
+                "kubernetes.service_annotations.bad key!",
+                "annotation key",
+            ),
+            (
+                r#"service_annotations = { "-example.com/internal" = "true" }"#,
+                "kubernetes.service_annotations.-example.com/internal",
+                "invalid prefix",
+            ),
         ];
         for (binding, field, needle) in cases {
             let (got_field, message) =
