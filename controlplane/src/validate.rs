@@ -56,8 +56,8 @@ pub fn namespace(spec: &NamespaceSpec) -> Result<(), PlatformError> {
 pub const RESYNC_INTERVAL_MS_MIN: u64 = 1_000;
 const TOLERATION_OPERATORS: [&str; 2] = ["Equal", "Exists"];
 const TAINT_EFFECTS: [&str; 3] = ["NoSchedule", "PreferNoSchedule", "NoExecute"];
-/// Largest proxy Deployment. Each replica keeps its own warm pods and reports to the control
-/// plane every second, so more replicas cost pods and control-plane load.
+/// Largest proxy Deployment, a guard against typos rather than a measured limit. Each replica
+/// is to keep its own warm runtime pods (docs/design/proxy-replicas.md), so replicas cost pods.
 pub const PROXY_REPLICAS_MAX: u32 = 100;
 const SERVICE_TYPES: [&str; 3] = ["ClusterIP", "NodePort", "LoadBalancer"];
 
@@ -172,6 +172,19 @@ fn check_binding(binding: &KubeBinding) -> Result<(), PlatformError> {
 
 /// Checks the settings of the proxy Deployment and its Service.
 fn check_proxy_settings(binding: &KubeBinding) -> Result<(), PlatformError> {
+    // The system objects are named `fngate-agent-<namespace>` and `fngate-proxy-<namespace>`,
+    // and those names are also label values and a Service name, both at most 63 characters.
+    let max_len = 63 - crate::k8s::install::PROXY_NAME_PREFIX.len();
+    if binding.install && binding.namespace.len() > max_len {
+        return Err(PlatformError::invalid(
+            "kubernetes.namespace",
+            format!(
+                "is {} characters long, got {:?}; with install = true it may have at most {max_len}, because the system objects are named fngate-proxy-<namespace> and such a name is at most 63 characters. Use a shorter k8s namespace, or set install = false",
+                binding.namespace.len(),
+                binding.namespace
+            ),
+        ));
+    }
     check_range(
         "kubernetes.support_service_port",
         binding.support_service_port,
@@ -907,6 +920,25 @@ service_annotations = { "service.beta.kubernetes.io/aws-load-balancer-internal" 
         for binding in accepted {
             assert_eq!(binding_error(binding), None, "{binding}");
         }
+    }
+
+    #[test]
+    fn installed_namespace_leaves_room_for_prefix() {
+        let parse = |namespace: &str, install: bool| -> NamespaceSpec {
+            toml::from_str(&format!(
+                "name = \"team\"\n[kubernetes]\nnamespace = \"{namespace}\"\ninstall = {install}\n"
+            ))
+            .unwrap()
+        };
+        assert!(namespace(&parse(&"n".repeat(50), true)).is_ok());
+        assert!(namespace(&parse(&"n".repeat(63), false)).is_ok());
+        let error = namespace(&parse(&"n".repeat(51), true)).unwrap_err();
+        let PlatformError::Invalid { field, message } = error else {
+            panic!("expected Invalid, got {error:?}");
+        };
+        assert_eq!(field, "kubernetes.namespace");
+        assert!(message.contains("at most 50"), "{message}");
+        assert!(message.contains("install = false"), "{message}");
     }
 
     #[test]
