@@ -59,7 +59,8 @@ enum Command {
     /// List the namespaces of a running fngate, with each k8s-mode binding's status.
     Namespaces(NamespacesArgs),
     /// Write the Kubernetes manifests fngate would create for a platform file's k8s-mode
-    /// functions (one runtime pod each), without contacting any cluster.
+    /// functions (one runtime pod each) and bindings (the system components), without
+    /// contacting any cluster.
     Manifests(ManifestsArgs),
 }
 
@@ -411,12 +412,44 @@ fn write_manifests(args: &ManifestsArgs) -> anyhow::Result<()> {
         println!("fngate: wrote {}", path.display());
         written += 1;
     }
+    written += write_system_objects(&file.namespaces, &args.out)?;
     if written == 0 {
         println!(
-            "fngate: no function is in a namespace with a kubernetes binding; nothing written"
+            "fngate: no function is in a namespace with a kubernetes binding, and no binding installs system components; nothing written"
         );
     }
     Ok(())
+}
+
+/// Writes `<namespace>.system.<kind>.<name>.json` for every system object that a binding with
+/// `install = true` applies. A binding without `control_plane_url` is skipped with a note,
+/// because its objects would then contain the API listener's address, which only `serve` binds.
+fn write_system_objects(namespaces: &[NamespaceSpec], out: &Path) -> anyhow::Result<usize> {
+    let mut written = 0;
+    for namespace in namespaces {
+        let Some(binding) = namespace.kubernetes.as_ref().filter(|b| b.install) else {
+            continue;
+        };
+        let Some(url) = binding.control_plane_url.as_deref() else {
+            println!(
+                "fngate: skipped the system components of namespace {}: set kubernetes.control_plane_url to render them",
+                namespace.name
+            );
+            continue;
+        };
+        for object in k8s::install::system_objects(&namespace.name, binding, url) {
+            let kind = object["kind"].as_str().unwrap_or_default().to_lowercase();
+            let name = object["metadata"]["name"].as_str().unwrap_or_default();
+            let path = out.join(format!("{}.system.{kind}.{name}.json", namespace.name));
+            let json =
+                serde_json::to_vec_pretty(&object).context("cannot serialize a system object")?;
+            std::fs::write(&path, json)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("fngate: wrote {}", path.display());
+            written += 1;
+        }
+    }
+    Ok(written)
 }
 
 fn default_runtime_wrapper() -> anyhow::Result<PathBuf> {

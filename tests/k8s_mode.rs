@@ -754,16 +754,30 @@ async fn agent_removes_unused_versions() {
     assert!(agent.log().contains("removed unused code version"));
 }
 
-/// Image name the simulated node maps to the fngate binary, for the node agent DaemonSet.
+/// Image name the simulated node maps to the fngate binary, for the node agent DaemonSet and
+/// the proxy Deployment.
 const FNGATE_IMAGE: &str = "fngate/fngate:test";
 
+/// Returns the fngate image. Its entrypoint runs the fngate binary for every subcommand but
+/// `proxy`, which a stand-in serves until `fngate proxy` exists: it checks the Deployment's
+/// arguments and serves `/healthz` and `/readyz` (tests/fixtures/fngate-entrypoint.py).
 fn fngate_image() -> Image {
+    // TODO: map /usr/local/bin/fngate to CARGO_BIN_EXE_fngate again once `fngate proxy` exists.
+    let entrypoint = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/fngate-entrypoint.py"
+    );
     let mut image = Image::default()
-        .map("/usr/local/bin/fngate", env!("CARGO_BIN_EXE_fngate"))
+        .map("/usr/local/bin/fngate", entrypoint)
+        .env("FNGATE_BIN", env!("CARGO_BIN_EXE_fngate"))
         .env("PATH", &std::env::var("PATH").unwrap_or_default());
     image.entrypoint = vec!["/usr/local/bin/fngate".to_owned()];
     image
 }
+
+/// Name of the proxy Deployment, Service, ServiceAccount and RBAC objects of a binding to the
+/// runtime namespace of [`Env`].
+const PROXY: &str = "fngate-proxy-fngate-runtime";
 
 async fn namespace_status(env: &Env, namespace: &str) -> Value {
     let reply = get(env.fngate.api, &format!("/v1/namespaces/{namespace}")).await;
@@ -794,9 +808,43 @@ async fn wait_namespace_phase(env: &Env, namespace: &str, phase: &str) -> Value 
     }
 }
 
-/// Binding with `install = true` applies the node agent DaemonSet, reaches Normal once an
-/// agent is ready, and that agent delivers a zip package. A deleted DaemonSet comes back on
-/// the next re-apply, and deleting the namespace removes what the binding created.
+/// Waits until the binding of the namespace `default` is Initializing with a reason that
+/// contains `needle`, failing after [`WAIT_LIMIT`].
+async fn wait_initializing_reason(env: &Env, needle: &str) -> String {
+    let deadline = Instant::now() + WAIT_LIMIT;
+    loop {
+        let status = namespace_status(env, "default").await;
+        let reason = status["reason"].as_str().unwrap_or_default();
+        if status["phase"] == "Initializing" && reason.contains(needle) {
+            return reason.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "binding never became Initializing with {needle:?}: {status}\n{}",
+            env.fngate.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the object `name` of `resource` in `fngate-system` exists again, failing after
+/// [`WAIT_LIMIT`].
+async fn wait_reapplied(sim: &Cluster, resource: &Resource, name: &str) {
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while sim.get(resource, Some("fngate-system"), name).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted {} {name} never came back",
+            resource.kind
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Binding with `install = true` applies the node agent DaemonSet and the proxy Deployment,
+/// reaches Normal once an agent is ready and the Deployment is available, and the agent
+/// delivers a zip package. A deleted DaemonSet, proxy Deployment or proxy Service comes back
+/// on the next re-apply, and deleting the namespace removes what the binding created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binding_installs_agent_repairs_drift_and_unbinds() {
     let dir = tempdir();
@@ -824,7 +872,12 @@ async fn binding_installs_agent_repairs_drift_and_unbinds() {
     assert_eq!(pid_of(&warm), pid_of(&cold), "the warm pod was not reused");
 
     // The agent reports the version it delivered.
-    let agents = env.sim().list(&Resource::PODS, Some("fngate-system"));
+    let agents: Vec<Value> = env
+        .sim()
+        .list(&Resource::PODS, Some("fngate-system"))
+        .into_iter()
+        .filter(|pod| pod["metadata"]["labels"]["app.kubernetes.io/name"] == "fngate-agent")
+        .collect();
     assert_eq!(agents.len(), 1, "{agents:?}");
     let agent_ip = agents[0]["status"]["podIP"].as_str().unwrap().to_owned();
     let agent: std::net::SocketAddr = format!("{agent_ip}:9310").parse().unwrap();
@@ -847,23 +900,14 @@ async fn binding_installs_agent_repairs_drift_and_unbinds() {
         "the agent's Role is missing"
     );
 
-    sim.delete(
-        &Resource::DAEMONSETS,
-        Some("fngate-system"),
-        daemonset,
-        None,
-    )
-    .unwrap();
-    let deadline = Instant::now() + WAIT_LIMIT;
-    while sim
-        .get(&Resource::DAEMONSETS, Some("fngate-system"), daemonset)
-        .is_none()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the deleted DaemonSet never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for (resource, name) in [
+        (&Resource::DAEMONSETS, daemonset),
+        (&Resource::DEPLOYMENTS, PROXY),
+        (&Resource::SERVICES, PROXY),
+    ] {
+        sim.delete(resource, Some("fngate-system"), name, None)
+            .unwrap();
+        wait_reapplied(sim, resource, name).await;
     }
 
     for path in [
@@ -882,6 +926,119 @@ async fn binding_installs_agent_repairs_drift_and_unbinds() {
     assert!(sim
         .get(&Resource::CONFIGMAPS, Some("fngate-system"), daemonset)
         .is_none());
+    assert_binding_objects(
+        sim,
+        &env.namespace,
+        false,
+        "is still there after the namespace was deleted",
+    );
+}
+
+/// Returns the proxy pods of the binding once `count` of them run and their admin listener
+/// is up (the stand-in logs its address after it bound it), failing after [`WAIT_LIMIT`].
+async fn wait_proxy_pods_listening(env: &Env, count: usize) -> Vec<Value> {
+    let sim = env.sim();
+    let deadline = Instant::now() + WAIT_LIMIT;
+    loop {
+        let pods: Vec<Value> = sim
+            .list(&Resource::PODS, Some("fngate-system"))
+            .into_iter()
+            .filter(|pod| pod["metadata"]["labels"]["app.kubernetes.io/instance"] == PROXY)
+            .collect();
+        let listening = |pod: &Value| {
+            let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+            sim.pod_log("fngate-system", name)
+                .is_some_and(|log| log.contains("admin listener on"))
+        };
+        if pods.len() == count && pods.iter().all(listening) {
+            return pods;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{count} proxy pods never listened: {pods:?}\n{}",
+            env.fngate.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With the agent ready, a binding stays Initializing with a reason that names the proxy
+/// Deployment and its replica counts while the proxy pods are not ready, and reaches Normal
+/// once they are. The Deployment runs the binding's number of proxy pods, each with its pod
+/// name as the replica name and its pod IP in the listen addresses, and the Service takes the
+/// binding's port, type and annotations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_waits_for_the_proxy_deployment() {
+    let dir = tempdir();
+    let ready_file = dir.path().join("proxy-ready");
+    let binding = format!(
+        "{}\nproxy_replicas = 3\nsupport_service_port = 8443\nservice_type = \"NodePort\"\n\
+         service_annotations = {{ \"example.com/team\" = \"functions\" }}",
+        agent_binding(&dir.path().join("kubeconfig"), &dir.path().join("node"))
+    );
+    // The stand-in proxy returns 503 on /readyz until the file exists.
+    let image = fngate_image().env("FNGATE_TEST_PROXY_READY_FILE", ready_file.to_str().unwrap());
+    let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, image)];
+    let env = Env::start(Target::Sim { nodes }, dir, &binding, "").await;
+    let sim = env.sim();
+
+    let reason = wait_initializing_reason(&env, &format!("Deployment {PROXY}")).await;
+    assert!(reason.contains("of 3 desired"), "{reason}");
+
+    let pods = wait_proxy_pods_listening(&env, 3).await;
+    for pod in &pods {
+        let name = pod["metadata"]["name"].as_str().unwrap();
+        let ip = pod["status"]["podIP"].as_str().unwrap();
+        let admin: std::net::SocketAddr = format!("{ip}:9090").parse().unwrap();
+        let health = get(admin, "/healthz").await;
+        assert_eq!(health.status, 200, "{name}: {}", health.text());
+        let health = health.json();
+        assert_eq!(health["replica"], name, "{health}");
+        let args = health["args"].as_array().unwrap();
+        for expected in [
+            format!("--listen={ip}:8080"),
+            format!("--admin-listen={ip}:9090"),
+            "--namespace=default".to_owned(),
+            format!("--kube-namespace={}", env.namespace),
+        ] {
+            assert!(
+                args.contains(&json!(expected)),
+                "{expected} not in {args:?}"
+            );
+        }
+        assert_eq!(get(admin, "/readyz").await.status, 503, "{name}");
+    }
+    // Every proxy pod runs but none is ready, so the Deployment is not available.
+    let status = namespace_status(&env, "default").await;
+    assert_eq!(status["phase"], "Initializing", "{status}");
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "waiting for Deployment {PROXY} to become available (0 ready of 3 desired"
+        )),
+        "{reason}"
+    );
+
+    let service = sim
+        .get(&Resource::SERVICES, Some("fngate-system"), PROXY)
+        .expect("the proxy Service was not applied");
+    assert_eq!(service["spec"]["type"], "NodePort", "{service}");
+    assert_eq!(service["spec"]["ports"][0]["port"], 8443, "{service}");
+    assert_eq!(
+        service["spec"]["ports"][0]["targetPort"], "proxy",
+        "{service}"
+    );
+    assert_eq!(
+        service["metadata"]["annotations"]["example.com/team"], "functions",
+        "{service}"
+    );
+
+    std::fs::write(&ready_file, "").unwrap();
+    wait_phase(&env, "Normal").await;
+    let deployment = sim
+        .get(&Resource::DEPLOYMENTS, Some("fngate-system"), PROXY)
+        .unwrap();
+    assert_eq!(deployment["status"]["readyReplicas"], 3, "{deployment}");
 }
 
 /// A binding whose placement rules match no node fails with that reason.
@@ -981,12 +1138,32 @@ async fn binding_forbidden_by_rbac_recovers_when_permitted() {
 /// reason, instead of leaving it Initializing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_status_read_fails_binding() {
+    forbidden_read_fails_binding(
+        &Resource::DAEMONSETS,
+        "cannot read DaemonSet fngate-system/fngate-agent-",
+    )
+    .await;
+}
+
+/// A status check that RBAC denies reading the proxy Deployment, once the agent is ready,
+/// fails the binding with that reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_deployment_read_fails_binding() {
+    forbidden_read_fails_binding(
+        &Resource::DEPLOYMENTS,
+        "cannot read Deployment fngate-system/fngate-proxy-",
+    )
+    .await;
+}
+
+/// Forbids `get` on `resource` in `fngate-system`, binds a namespace with `install = true`,
+/// and checks that the binding fails with a reason that contains `expected`.
+async fn forbidden_read_fails_binding(resource: &Resource, expected: &str) {
     let dir = tempdir();
     let node_dir = dir.path().join("node");
     let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, fngate_image())];
     let env = Env::start(Target::Sim { nodes }, dir, "", "").await;
-    env.sim()
-        .forbid("get", &Resource::DAEMONSETS, Some("fngate-system"));
+    env.sim().forbid("get", resource, Some("fngate-system"));
 
     let body = json!({
         "kubernetes": {
@@ -1006,10 +1183,7 @@ async fn forbidden_status_read_fails_binding() {
     let status = wait_namespace_phase(&env, "agents", "Failed").await;
     let reason = status["reason"].as_str().unwrap();
     assert!(reason.starts_with("forbidden by RBAC"), "{reason}");
-    assert!(
-        reason.contains("cannot read DaemonSet fngate-system/fngate-agent-"),
-        "{reason}"
-    );
+    assert!(reason.contains(expected), "{reason}");
     assert!(
         !reason.contains("Status {"),
         "debug output in the reason: {reason}"
@@ -1017,16 +1191,22 @@ async fn forbidden_status_read_fails_binding() {
 }
 
 /// Returns the system objects that a binding to the k8s namespace `runtime` installs, as the
-/// kind, the namespace and the name.
-fn agent_objects(runtime: &str) -> Vec<(Resource, String, String)> {
-    let name = format!("fngate-agent-{runtime}");
+/// kind, the namespace and the name: the node agent's and the proxy's.
+fn binding_objects(runtime: &str) -> Vec<(Resource, String, String)> {
+    let agent = format!("fngate-agent-{runtime}");
+    let proxy = format!("fngate-proxy-{runtime}");
     let system = "fngate-system".to_owned();
     vec![
-        (Resource::SERVICEACCOUNTS, system.clone(), name.clone()),
-        (Resource::CONFIGMAPS, system.clone(), name.clone()),
-        (Resource::DAEMONSETS, system, name.clone()),
-        (Resource::ROLES, runtime.to_owned(), name.clone()),
-        (Resource::ROLEBINDINGS, runtime.to_owned(), name),
+        (Resource::SERVICEACCOUNTS, system.clone(), agent.clone()),
+        (Resource::CONFIGMAPS, system.clone(), agent.clone()),
+        (Resource::DAEMONSETS, system.clone(), agent.clone()),
+        (Resource::ROLES, runtime.to_owned(), agent.clone()),
+        (Resource::ROLEBINDINGS, runtime.to_owned(), agent),
+        (Resource::SERVICEACCOUNTS, system.clone(), proxy.clone()),
+        (Resource::DEPLOYMENTS, system.clone(), proxy.clone()),
+        (Resource::SERVICES, system, proxy.clone()),
+        (Resource::ROLES, runtime.to_owned(), proxy.clone()),
+        (Resource::ROLEBINDINGS, runtime.to_owned(), proxy),
     ]
 }
 
@@ -1041,8 +1221,8 @@ async fn default_namespace_spec(env: &Env) -> Value {
 /// Asserts that every system object of a binding to the k8s namespace `runtime` exists in
 /// `sim` when `present` is true, and that none exists otherwise. A failure names the object,
 /// followed by `failure`.
-fn assert_agent_objects(sim: &Cluster, runtime: &str, present: bool, failure: &str) {
-    for (resource, namespace, name) in agent_objects(runtime) {
+fn assert_binding_objects(sim: &Cluster, runtime: &str, present: bool, failure: &str) {
+    for (resource, namespace, name) in binding_objects(runtime) {
         assert_eq!(
             sim.get(&resource, Some(&namespace), &name).is_some(),
             present,
@@ -1072,7 +1252,7 @@ async fn rebinding_removes_the_old_components() {
     let env = Env::start(Target::Sim { nodes }, dir, &binding, "").await;
     wait_phase(&env, "Normal").await;
     let sim = env.sim();
-    assert_agent_objects(sim, &env.namespace, true, "was not installed");
+    assert_binding_objects(sim, &env.namespace, true, "was not installed");
     let old_agent = "app.kubernetes.io/instance=fngate-agent-fngate-runtime";
     let agent_pods = |instance: &str| {
         let (key, value) = instance.split_once('=').unwrap();
@@ -1094,14 +1274,14 @@ async fn rebinding_removes_the_old_components() {
     let changed = put_json(env.fngate.api, "/v1/namespaces/default", &namespace).await;
     assert_eq!(changed.status, 200, "{}", changed.text());
 
-    assert_agent_objects(
+    assert_binding_objects(
         sim,
         &env.namespace,
         false,
         &format!("of the old binding is still there\n{}", env.fngate.stderr()),
     );
     wait_phase(&env, "Normal").await;
-    assert_agent_objects(sim, runtime, true, "of the new binding is missing");
+    assert_binding_objects(sim, runtime, true, "of the new binding is missing");
     let config = sim
         .get(
             &Resource::CONFIGMAPS,
@@ -1172,7 +1352,7 @@ async fn rebinding_from_unreachable_cluster_succeeds() {
         "{stderr}"
     );
     wait_phase(&env, "Normal").await;
-    assert_agent_objects(
+    assert_binding_objects(
         &other,
         RUNTIME_NAMESPACE,
         true,
@@ -1195,7 +1375,7 @@ async fn disabled_install_is_removed_on_delete() {
     let changed = put_json(env.fngate.api, "/v1/namespaces/default", &namespace).await;
     assert_eq!(changed.status, 200, "{}", changed.text());
     let sim = env.sim();
-    assert_agent_objects(
+    assert_binding_objects(
         sim,
         &env.namespace,
         true,
@@ -1211,7 +1391,7 @@ async fn disabled_install_is_removed_on_delete() {
     )
     .await;
     assert_eq!(deleted.status, 204, "{}", deleted.text());
-    assert_agent_objects(
+    assert_binding_objects(
         sim,
         &env.namespace,
         false,
@@ -1286,6 +1466,44 @@ async fn api_binding_is_checked_and_reports_status() {
         "{}",
         relative.text()
     );
+
+    // A port beyond u16 parses, so validation rejects it with the field and the range.
+    let proxy_settings = [
+        (
+            json!({"support_service_port": 70000}),
+            "kubernetes.support_service_port",
+            "between 1 and 65535, got 70000",
+        ),
+        (
+            json!({"proxy_replicas": 0}),
+            "kubernetes.proxy_replicas",
+            "between 1 and 100, got 0",
+        ),
+        (
+            json!({"service_type": "External"}),
+            "kubernetes.service_type",
+            "use one of",
+        ),
+        (
+            json!({"service_annotations": {"bad key!": "x"}}),
+            "kubernetes.service_annotations.bad key!",
+            "annotation key",
+        ),
+    ];
+    for (setting, field, needle) in proxy_settings {
+        let mut binding = json!({"kubeconfig": kubeconfig, "context": "kubesim", "namespace": env.namespace, "install": false});
+        binding
+            .as_object_mut()
+            .unwrap()
+            .extend(setting.as_object().unwrap().clone());
+        let rejected = put("other", binding).await;
+        assert_eq!(rejected.status, 400, "{setting}: {}", rejected.text());
+        let error = &rejected.json()["error"];
+        assert_eq!(error["code"], "InvalidParameterValue", "{setting}: {error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(field), "{setting}: {message}");
+        assert!(message.contains(needle), "{setting}: {message}");
+    }
 
     let valid = put(
         "other",

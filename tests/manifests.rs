@@ -1,5 +1,6 @@
-//! `fngate manifests` renders the runtime pods of k8s-mode functions, and every manifest it
-//! writes passes the official Kubernetes schemas (the `kubernetes-validate` package from PyPI,
+//! `fngate manifests` renders the runtime pods of k8s-mode functions and the system components
+//! of bindings that install them, and every manifest it writes passes the official Kubernetes
+//! schemas (the `kubernetes-validate` package from PyPI,
 //! strict mode, so an unknown or misspelled field fails too).
 //!
 //! Without `kubernetes-validate` on PATH the schema check is skipped with a message, unless
@@ -29,6 +30,10 @@ name = "team-a"
 [namespace.kubernetes]
 kubeconfig = "kubeconfig.yaml"
 namespace = "fngate-runtime"
+control_plane_url = "http://fngate-control-plane.fngate-system:8082"
+agent_kubeconfig = "/etc/fngate/kubeconfig"
+service_type = "LoadBalancer"
+service_annotations = {{ "service.beta.kubernetes.io/aws-load-balancer-internal" = "true" }}
 node_selector = {{ "fngate.io/pool" = "functions" }}
 tolerations = [{{ key = "dedicated", operator = "Equal", value = "functions", effect = "NoSchedule" }}]
 [namespace.kubernetes.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution]
@@ -101,9 +106,13 @@ code = {{ directory = "{web}" }}
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
+    let (pods, system): (Vec<&str>, Vec<&str>) = names
+        .iter()
+        .map(String::as_str)
+        .partition(|name| name.ends_with(".pod.json"));
     // Only k8s-mode functions get a pod; the default-mode function runs locally.
     assert_eq!(
-        names,
+        pods,
         [
             "team-a.event-fn.pod.json",
             "team-a.image-fn.pod.json",
@@ -111,8 +120,26 @@ code = {{ directory = "{web}" }}
             "team-a.zipped.pod.json"
         ]
     );
-    let web_pod: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&files[2]).unwrap()).unwrap();
+    assert_eq!(
+        system,
+        [
+            "team-a.system.configmap.fngate-agent-fngate-runtime.json",
+            "team-a.system.daemonset.fngate-agent-fngate-runtime.json",
+            "team-a.system.deployment.fngate-proxy-fngate-runtime.json",
+            "team-a.system.namespace.fngate-system.json",
+            "team-a.system.role.fngate-agent-fngate-runtime.json",
+            "team-a.system.role.fngate-proxy-fngate-runtime.json",
+            "team-a.system.rolebinding.fngate-agent-fngate-runtime.json",
+            "team-a.system.rolebinding.fngate-proxy-fngate-runtime.json",
+            "team-a.system.service.fngate-proxy-fngate-runtime.json",
+            "team-a.system.serviceaccount.fngate-agent-fngate-runtime.json",
+            "team-a.system.serviceaccount.fngate-proxy-fngate-runtime.json",
+        ]
+    );
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out.join(name)).unwrap()).unwrap()
+    };
+    let web_pod = read("team-a.web_fn.pod.json");
     let spec = &web_pod["spec"];
     assert_eq!(spec["automountServiceAccountToken"], false);
     assert_eq!(
@@ -127,8 +154,7 @@ code = {{ directory = "{web}" }}
 
     // A zip package waits for the node agent: the pod mounts the function's code directory,
     // created if missing, and names the version it needs.
-    let zipped: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&files[3]).unwrap()).unwrap();
+    let zipped = read("team-a.zipped.pod.json");
     assert_eq!(
         zipped["spec"]["volumes"][0]["hostPath"]["type"],
         "DirectoryOrCreate"
@@ -142,6 +168,17 @@ code = {{ directory = "{web}" }}
     assert_eq!(
         annotations["fngate.io/code-version"],
         format!("team-a/zipped/code/{}", &digest[..16])
+    );
+
+    // The proxy Service takes the binding's type and annotations; the proxy pods mount the
+    // nodes' kubeconfig.
+    let service = read("team-a.system.service.fngate-proxy-fngate-runtime.json");
+    assert_eq!(service["spec"]["type"], "LoadBalancer");
+    assert_eq!(service["spec"]["ports"][0]["port"], 8080);
+    let deployment = read("team-a.system.deployment.fngate-proxy-fngate-runtime.json");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["volumes"][0]["hostPath"]["path"],
+        "/etc/fngate/kubeconfig"
     );
 
     validate_schemas(&files);
@@ -228,4 +265,36 @@ fn deploy_manifests_pass_and_their_platform_file_loads() {
         "the ConfigMap's platform file does not load: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// A binding that installs system components but sets no `control_plane_url` gets no system
+/// manifests, since their URL is only known to `serve`, and the output tells how to get them.
+#[test]
+fn system_components_need_a_control_plane_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fngate.toml");
+    let platform = "[[namespace]]\nname = \"team-a\"\n[namespace.kubernetes]\nnamespace = \"fngate-runtime\"\n";
+    std::fs::write(&config, platform).unwrap();
+    let out = dir.path().join("manifests");
+    let output = Command::new(env!("CARGO_BIN_EXE_fngate"))
+        .arg("manifests")
+        .arg("--config")
+        .arg(&config)
+        .arg("--function-dir")
+        .arg(dir.path().join("data"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "fngate manifests failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("set kubernetes.control_plane_url"),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
 }

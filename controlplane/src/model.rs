@@ -66,16 +66,33 @@ pub struct KubeBinding {
     /// into `fngate-system` of the cluster and reports the binding's status from them.
     #[serde(default = "defaults::install")]
     pub install: bool,
-    /// Image of the node agent: the fngate image.
+    /// Image of the node agent and of the proxy Deployment: the fngate image.
     #[serde(default = "defaults::agent_image")]
     pub agent_image: String,
-    /// Kubeconfig on the nodes for the agent; absent means the agent's service account.
+    /// Kubeconfig on the nodes for the agent and the proxy pods; absent means their service
+    /// accounts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_kubeconfig: Option<PathBuf>,
-    /// URL of the control-plane API as the nodes reach it, where agents fetch code packages;
-    /// absent means the address fngate's API listener is bound to.
+    /// URL of the control-plane API as the nodes reach it. Agents fetch code packages there,
+    /// and the proxy pods connect to it. Absent means the address of fngate's API listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_plane_url: Option<String>,
+    /// Port of the proxy Service, where clients invoke functions (the support service port),
+    /// 1 to 65535. Wider than `u16` so that an out-of-range value reaches validation, which
+    /// names the field, instead of failing to parse.
+    #[serde(default = "defaults::support_service_port")]
+    pub support_service_port: u32,
+    /// Number of proxy pods in the proxy Deployment, 1 to 100.
+    #[serde(default = "defaults::proxy_replicas")]
+    pub proxy_replicas: u32,
+    /// Type of the proxy Service: `ClusterIP`, `NodePort` or `LoadBalancer`. A string, not an
+    /// enum, so that an unknown type is rejected by validation with the field named.
+    #[serde(default = "defaults::service_type")]
+    pub service_type: String,
+    /// Annotations of the proxy Service, for example a cloud's internal-load-balancer
+    /// annotation. Keys follow the label key syntax, and values are free text.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_annotations: BTreeMap<String, String>,
 }
 
 /// Invocation style of a function.
@@ -225,6 +242,15 @@ mod defaults {
     }
     pub fn agent_image() -> String {
         format!("fngate/fngate:{}", env!("CARGO_PKG_VERSION"))
+    }
+    pub fn support_service_port() -> u32 {
+        8080
+    }
+    pub fn proxy_replicas() -> u32 {
+        2
+    }
+    pub fn service_type() -> String {
+        "ClusterIP".to_owned()
     }
     pub fn memory_mb() -> u32 {
         128

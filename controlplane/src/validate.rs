@@ -56,6 +56,10 @@ pub fn namespace(spec: &NamespaceSpec) -> Result<(), PlatformError> {
 pub const RESYNC_INTERVAL_MS_MIN: u64 = 1_000;
 const TOLERATION_OPERATORS: [&str; 2] = ["Equal", "Exists"];
 const TAINT_EFFECTS: [&str; 3] = ["NoSchedule", "PreferNoSchedule", "NoExecute"];
+/// Largest proxy Deployment, a guard against typos rather than a measured limit. Each replica
+/// is to keep its own warm runtime pods (docs/design/proxy-replicas.md), so replicas cost pods.
+pub const PROXY_REPLICAS_MAX: u32 = 100;
+const SERVICE_TYPES: [&str; 3] = ["ClusterIP", "NodePort", "LoadBalancer"];
 
 /// Checks a k8s-mode binding: what the pods' spec and the watcher take from it.
 fn check_binding(binding: &KubeBinding) -> Result<(), PlatformError> {
@@ -162,6 +166,57 @@ fn check_binding(binding: &KubeBinding) -> Result<(), PlatformError> {
                 binding.resync_interval_ms
             ),
         ));
+    }
+    check_proxy_settings(binding)
+}
+
+/// Checks the settings of the proxy Deployment and its Service.
+fn check_proxy_settings(binding: &KubeBinding) -> Result<(), PlatformError> {
+    // The system objects are named `fngate-agent-<namespace>` and `fngate-proxy-<namespace>`,
+    // and those names are also label values and a Service name, both at most 63 characters.
+    let max_len = 63 - crate::k8s::install::PROXY_NAME_PREFIX.len();
+    if binding.install && binding.namespace.len() > max_len {
+        return Err(PlatformError::invalid(
+            "kubernetes.namespace",
+            format!(
+                "is {} characters long, got {:?}; with install = true it may have at most {max_len}, because the system objects are named fngate-proxy-<namespace> and such a name is at most 63 characters. Use a shorter k8s namespace, or set install = false",
+                binding.namespace.len(),
+                binding.namespace
+            ),
+        ));
+    }
+    check_range(
+        "kubernetes.support_service_port",
+        binding.support_service_port,
+        1,
+        u32::from(u16::MAX),
+        "",
+    )?;
+    check_range(
+        "kubernetes.proxy_replicas",
+        binding.proxy_replicas,
+        1,
+        PROXY_REPLICAS_MAX,
+        "",
+    )?;
+    if !SERVICE_TYPES.contains(&binding.service_type.as_str()) {
+        return Err(PlatformError::invalid(
+            "kubernetes.service_type",
+            format!(
+                "unknown service type {:?}; use one of {SERVICE_TYPES:?}",
+                binding.service_type
+            ),
+        ));
+    }
+    for key in binding.service_annotations.keys() {
+        if let Some(problem) = label_key_problem(key) {
+            return Err(PlatformError::invalid(
+                format!("kubernetes.service_annotations.{key}"),
+                format!(
+                    "{problem} in the annotation key {key:?}; keys follow the label key syntax"
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -843,6 +898,50 @@ tolerations = [{ key = "dedicated", operator = "Equal", value = "fn", effect = "
     }
 
     #[test]
+    fn binding_proxy_settings_have_defaults() {
+        let toml = "name = \"team\"\n[kubernetes]\nnamespace = \"runtime\"\n";
+        let spec: NamespaceSpec = toml::from_str(toml).unwrap();
+        let binding = spec.kubernetes.unwrap();
+        assert_eq!(binding.support_service_port, 8080);
+        assert_eq!(binding.proxy_replicas, 2);
+        assert_eq!(binding.service_type, "ClusterIP");
+        assert!(binding.service_annotations.is_empty());
+    }
+
+    #[test]
+    fn binding_accepts_proxy_settings() {
+        let accepted = [
+            "support_service_port = 1\nproxy_replicas = 1",
+            "support_service_port = 65535\nproxy_replicas = 100",
+            r#"service_type = "NodePort""#,
+            r#"service_type = "LoadBalancer"
+service_annotations = { "service.beta.kubernetes.io/aws-load-balancer-internal" = "true", "note" = "free text: any value, even with spaces" }"#,
+        ];
+        for binding in accepted {
+            assert_eq!(binding_error(binding), None, "{binding}");
+        }
+    }
+
+    #[test]
+    fn installed_namespace_leaves_room_for_prefix() {
+        let parse = |namespace: &str, install: bool| -> NamespaceSpec {
+            toml::from_str(&format!(
+                "name = \"team\"\n[kubernetes]\nnamespace = \"{namespace}\"\ninstall = {install}\n"
+            ))
+            .unwrap()
+        };
+        assert!(namespace(&parse(&"n".repeat(50), true)).is_ok());
+        assert!(namespace(&parse(&"n".repeat(63), false)).is_ok());
+        let error = namespace(&parse(&"n".repeat(51), true)).unwrap_err();
+        let PlatformError::Invalid { field, message } = error else {
+            panic!("expected Invalid, got {error:?}");
+        };
+        assert_eq!(field, "kubernetes.namespace");
+        assert!(message.contains("at most 50"), "{message}");
+        assert!(message.contains("install = false"), "{message}");
+    }
+
+    #[test]
     fn binding_errors_name_the_field() {
         let cases = [
             (
@@ -886,6 +985,46 @@ tolerations = [{ key = "dedicated", operator = "Equal", value = "fn", effect = "
                 "at least",
             ),
             (r#"context = """#, "kubernetes.context", "empty"),
+            (
+                "support_service_port = 0",
+                "kubernetes.support_service_port",
+                "between 1 and 65535, got 0",
+            ),
+            (
+                "support_service_port = 70000",
+                "kubernetes.support_service_port",
+                "between 1 and 65535, got 70000",
+            ),
+            (
+                "proxy_replicas = 0",
+                "kubernetes.proxy_replicas",
+                "between 1 and 100, got 0",
+            ),
+            (
+                "proxy_replicas = 101",
+                "kubernetes.proxy_replicas",
+                "between 1 and 100, got 101",
+            ),
+            (
+                r#"service_type = "ExternalName""#,
+                "kubernetes.service_type",
+                r#""ExternalName"; use one of ["ClusterIP", "NodePort", "LoadBalancer"]"#,
+            ),
+            (
+                r#"service_type = "clusterip""#,
+                "kubernetes.service_type",
+                r#""clusterip""#,
+            ),
+            (
+                r#"service_annotations = { "bad key!" = "x" }"#,
+                "kubernetes.service_annotations.bad key!",
+                "annotation key",
+            ),
+            (
+                r#"service_annotations = { "-example.com/internal" = "true" }"#,
+                "kubernetes.service_annotations.-example.com/internal",
+                "invalid prefix",
+            ),
         ];
         for (binding, field, needle) in cases {
             let (got_field, message) =

@@ -168,7 +168,7 @@ impl KubeBackend {
         let status = match (binding.install, control_plane_url) {
             (false, _) => install::BindingStatus::normal(),
             (true, None) => install::BindingStatus::failed(
-                "set kubernetes.control_plane_url: the node agents need the control-plane API's address",
+                "set kubernetes.control_plane_url: the node agents and proxy pods need the control-plane API's address",
             ),
             (true, Some(url)) => {
                 let objects = install::system_objects(&self.function_namespace, binding, url);
