@@ -758,11 +758,20 @@ async fn agent_removes_unused_versions() {
 /// the proxy Deployment.
 const FNGATE_IMAGE: &str = "fngate/fngate:test";
 
-/// Returns the fngate image. Its entrypoint runs the fngate binary for every subcommand but
-/// `proxy`, which a stand-in serves until `fngate proxy` exists: it checks the Deployment's
-/// arguments and serves `/healthz` and `/readyz` (tests/fixtures/fngate-entrypoint.py).
+/// Returns the fngate image: the fngate binary as its entrypoint.
 fn fngate_image() -> Image {
-    // TODO: map /usr/local/bin/fngate to CARGO_BIN_EXE_fngate again once `fngate proxy` exists.
+    let mut image = Image::default()
+        .map("/usr/local/bin/fngate", env!("CARGO_BIN_EXE_fngate"))
+        .env("PATH", &std::env::var("PATH").unwrap_or_default());
+    image.entrypoint = vec!["/usr/local/bin/fngate".to_owned()];
+    image
+}
+
+/// Returns an fngate image whose `proxy` subcommand is a stand-in
+/// (tests/fixtures/fngate-entrypoint.py): it checks the Deployment's arguments, reports them
+/// on `/healthz`, and answers `/readyz` with 200 only once the test created a file. Every
+/// other subcommand runs the fngate binary.
+fn stand_in_proxy_image() -> Image {
     let entrypoint = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/fngate-entrypoint.py"
@@ -977,7 +986,8 @@ async fn binding_waits_for_the_proxy_deployment() {
         agent_binding(&dir.path().join("kubeconfig"), &dir.path().join("node"))
     );
     // The stand-in proxy returns 503 on /readyz until the file exists.
-    let image = fngate_image().env("FNGATE_TEST_PROXY_READY_FILE", ready_file.to_str().unwrap());
+    let image =
+        stand_in_proxy_image().env("FNGATE_TEST_PROXY_READY_FILE", ready_file.to_str().unwrap());
     let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, image)];
     let env = Env::start(Target::Sim { nodes }, dir, &binding, "").await;
     let sim = env.sim();
@@ -1732,4 +1742,68 @@ async fn missing_code_directory_reports_the_mount_failure() {
         .to_owned();
     assert!(message.contains("within 1000ms"), "{message}");
     assert!(message.contains("MountVolume.SetUp failed"), "{message}");
+}
+
+/// The installed proxy Deployment serves: each of its pods, running `fngate proxy`, routes a
+/// request to a runtime pod labelled with its own name, which the agent delivered code for,
+/// and reuses that pod for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installed_proxy_pods_serve_requests() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "src");
+    let package = dir.path().join("site.zip");
+    zip_function(&code, &package);
+    let binding = format!(
+        "{}\nproxy_replicas = 2",
+        agent_binding(&dir.path().join("kubeconfig"), &dir.path().join("node"))
+    );
+    let functions = format!(
+        "[[function]]\nnamespace = \"default\"\nname = \"site\"\nkind = \"web\"\ncode = {{ zip_file = \"{}\" }}\n",
+        package.display()
+    );
+    let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, fngate_image())];
+    let env = Env::start(Target::Sim { nodes }, dir, &binding, &functions).await;
+    wait_phase(&env, "Normal").await;
+
+    let proxies: Vec<(String, std::net::SocketAddr)> = env
+        .sim()
+        .list(&Resource::PODS, Some("fngate-system"))
+        .into_iter()
+        .filter(|pod| pod["metadata"]["labels"]["app.kubernetes.io/name"] == "fngate-proxy")
+        .map(|pod| {
+            let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
+            let ip = pod["status"]["podIP"].as_str().unwrap();
+            (name, format!("{ip}:8080").parse().unwrap())
+        })
+        .collect();
+    assert_eq!(proxies.len(), 2, "{proxies:?}");
+
+    let mut first_pids = Vec::new();
+    for (name, addr) in &proxies {
+        let reply = get(*addr, "/web/default/site/hello").await;
+        assert_eq!(
+            reply.status,
+            200,
+            "through {name}: {}\n{}",
+            reply.text(),
+            env.fngate.stderr()
+        );
+        assert_eq!(reply.json()["path"], "/hello");
+        first_pids.push(pid_of(&reply));
+    }
+    assert_ne!(first_pids[0], first_pids[1], "two proxies shared a pod");
+    let mut replicas: Vec<String> = env
+        .runtime_pods()
+        .await
+        .iter()
+        .map(|pod| pod.metadata.labels.as_ref().unwrap()["fngate.io/replica"].clone())
+        .collect();
+    replicas.sort();
+    let mut names: Vec<String> = proxies.iter().map(|(name, _)| name.clone()).collect();
+    names.sort();
+    assert_eq!(replicas, names);
+
+    let again = get(proxies[0].1, "/web/default/site/").await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(pid_of(&again), first_pids[0], "the warm pod was not reused");
 }
