@@ -1,12 +1,12 @@
 //! `fngate namespaces`: lists the namespaces of a running fngate through its control-plane API,
-//! with each k8s-mode binding's status.
+//! with each k8s-mode binding's status and its number of proxy replicas.
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use serde_json::Value;
 
-/// Prints one line per namespace: name, mode, k8s namespace, phase and reason.
+/// Prints one line per namespace: name, mode, k8s namespace, phase, proxy replicas and reason.
 pub async fn list(api: &str) -> anyhow::Result<()> {
     let listed = get_json(api, "/v1/namespaces").await?;
     let names: Vec<String> = listed["namespaces"]
@@ -23,6 +23,7 @@ pub async fn list(api: &str) -> anyhow::Result<()> {
         "MODE".to_owned(),
         "K8S NAMESPACE".to_owned(),
         "PHASE".to_owned(),
+        "REPLICAS".to_owned(),
         "REASON".to_owned(),
     ]];
     for name in names {
@@ -35,6 +36,10 @@ pub async fn list(api: &str) -> anyhow::Result<()> {
                 "k8s".to_owned(),
                 text(&binding["namespace"]),
                 text(&namespace["status"]["phase"]),
+                namespace["replicas"]
+                    .as_array()
+                    .map_or(0, Vec::len)
+                    .to_string(),
                 namespace["status"]["reason"]
                     .as_str()
                     .unwrap_or("")
@@ -46,12 +51,13 @@ pub async fn list(api: &str) -> anyhow::Result<()> {
                 "default".to_owned(),
                 "-".to_owned(),
                 "-".to_owned(),
+                "-".to_owned(),
                 String::new(),
             ]
         };
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..4)
+    let widths: Vec<usize> = (0..5)
         .map(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0))
         .collect();
     for row in rows {
@@ -59,7 +65,7 @@ pub async fn list(api: &str) -> anyhow::Result<()> {
         for (column, width) in widths.iter().enumerate() {
             line.push_str(&format!("{:width$}  ", row[column], width = *width));
         }
-        line.push_str(&row[4]);
+        line.push_str(&row[5]);
         println!("{}", line.trim_end());
     }
     Ok(())

@@ -1220,12 +1220,10 @@ fn binding_objects(runtime: &str) -> Vec<(Resource, String, String)> {
     ]
 }
 
-/// Returns the binding of the namespace `default` as the API reports it, without its status,
-/// ready to be changed and put back.
+/// Returns the binding of the namespace `default` as the API reports it, status included,
+/// ready to be changed and put back: a PUT ignores the status fields.
 async fn default_namespace_spec(env: &Env) -> Value {
-    let mut namespace = get(env.fngate.api, "/v1/namespaces/default").await.json();
-    namespace.as_object_mut().unwrap().remove("status");
-    namespace
+    get(env.fngate.api, "/v1/namespaces/default").await.json()
 }
 
 /// Asserts that every system object of a binding to the k8s namespace `runtime` exists in
@@ -1544,10 +1542,18 @@ async fn api_binding_is_checked_and_reports_status() {
         .collect();
     assert_eq!(
         rows[0],
-        ["NAMESPACE", "MODE", "K8S", "NAMESPACE", "PHASE", "REASON"]
+        [
+            "NAMESPACE",
+            "MODE",
+            "K8S",
+            "NAMESPACE",
+            "PHASE",
+            "REPLICAS",
+            "REASON"
+        ]
     );
     assert!(
-        rows.contains(&vec!["other", "k8s", env.namespace.as_str(), "Normal"]),
+        rows.contains(&vec!["other", "k8s", env.namespace.as_str(), "Normal", "0"]),
         "{stdout}"
     );
 }

@@ -171,6 +171,15 @@ async fn replicas_route_only_their_own_pods() {
         .collect();
     listed.sort();
     assert_eq!(listed, ["proxy-a", "proxy-b"], "{}", status.text());
+
+    let namespace = get(env.fngate.api, "/v1/namespaces/default").await.json();
+    let replicas: Vec<&str> = namespace["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|replica| replica["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(replicas, ["proxy-a", "proxy-b"], "{namespace}");
 }
 
 /// A replica that stops reporting loses its pods once it expires; the other replica goes on

@@ -63,6 +63,14 @@ pub struct InstanceStatus {
     pub replica: String,
 }
 
+/// A proxy replica as the namespace's status lists it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub name: String,
+    /// Time since the replica's last report or routes poll.
+    pub last_seen_ms: u64,
+}
+
 /// Settings of the platform itself.
 #[derive(Debug, Clone)]
 pub struct PlatformConfig {
@@ -339,6 +347,23 @@ impl Platform {
     pub fn binding_status(&self, name: &str) -> Option<crate::k8s::install::BindingStatus> {
         let namespaces = self.namespaces.lock();
         namespaces.get(name)?.backend.binding_status()
+    }
+
+    /// Returns the proxy replicas of a namespace, by name; empty when it has none or does not
+    /// exist.
+    pub fn replicas(&self, namespace: &str) -> Vec<ReplicaStatus> {
+        let namespaces = self.namespaces.lock();
+        let Some(entry) = namespaces.get(namespace) else {
+            return Vec::new();
+        };
+        entry
+            .replicas
+            .iter()
+            .map(|(name, replica)| ReplicaStatus {
+                name: name.clone(),
+                last_seen_ms: millis(replica.last_seen.elapsed()),
+            })
+            .collect()
     }
 
     pub fn namespaces(&self) -> Vec<NamespaceSpec> {

@@ -47,9 +47,22 @@ where
     }
 }
 
+/// Fields that `GET /v1/namespaces/{namespace}` adds to the spec and a `PUT` ignores, so that a
+/// namespace read, changed and written back is accepted.
+const NAMESPACE_STATUS_FIELDS: [&str; 2] = ["status", "replicas"];
+
 /// Decodes a namespace spec; `name` may be omitted and must otherwise equal `namespace`.
 pub(crate) fn namespace_spec(body: &[u8], namespace: &str) -> Result<NamespaceSpec, PlatformError> {
-    let mut spec: NamespaceSpec = decode(body)?;
+    let mut object: Option<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_slice(body).ok();
+    let stripped = object.as_mut().and_then(|object| {
+        let before = object.len();
+        for field in NAMESPACE_STATUS_FIELDS {
+            object.remove(field);
+        }
+        (object.len() != before).then(|| serde_json::to_vec(object).ok())?
+    });
+    let mut spec: NamespaceSpec = decode(stripped.as_deref().unwrap_or(body))?;
     take_from_path("name", &mut spec.name, namespace)?;
     Ok(spec)
 }

@@ -155,6 +155,8 @@ fn get_namespace<C: Control>(control: &C, namespace: &str) -> Result<ApiResponse
         .map_err(|e| PlatformError::Internal(format!("cannot serialize namespace: {e}")))?;
     if let Some(status) = control.binding_status(namespace) {
         body["status"] = serde_json::json!(status);
+        // The proxy replicas that reported recently, by name.
+        body["replicas"] = serde_json::json!(control.replicas(namespace));
     }
     Ok(reply::json(StatusCode::OK, &body))
 }

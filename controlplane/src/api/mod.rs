@@ -68,6 +68,8 @@ pub(crate) trait Control: Send + Sync + 'static {
         &self,
         digest: &str,
     ) -> impl Future<Output = Result<bytes::Bytes, PlatformError>> + Send;
+    /// Lists the proxy replicas of a namespace.
+    fn replicas(&self, namespace: &str) -> Vec<crate::platform::ReplicaStatus>;
     /// Answers a proxy replica's routes poll.
     fn replica_routes(
         &self,
@@ -135,6 +137,10 @@ impl Control for Platform {
 
     fn binding_status(&self, namespace: &str) -> Option<crate::k8s::install::BindingStatus> {
         Platform::binding_status(self, namespace)
+    }
+
+    fn replicas(&self, namespace: &str) -> Vec<crate::platform::ReplicaStatus> {
+        Platform::replicas(self, namespace)
     }
 
     fn replica_routes(

@@ -136,6 +136,10 @@ impl Control for FakeControl {
             .ok_or_else(|| not_found(format!("function {name:?}")))
     }
 
+    fn replicas(&self, _namespace: &str) -> Vec<crate::platform::ReplicaStatus> {
+        Vec::new()
+    }
+
     async fn replica_routes(
         &self,
         namespace: &str,
@@ -443,4 +447,22 @@ async fn serves_over_loopback_until_shutdown() {
     server.await.unwrap();
     let refused = tokio::net::TcpStream::connect(addr).await;
     assert!(refused.is_err(), "listener closed after shutdown");
+}
+
+/// A namespace read back with its status fields is accepted, and those fields change nothing;
+/// other unknown fields are still rejected.
+#[tokio::test]
+async fn namespace_put_ignores_status_fields() {
+    let control = control_with_default().await;
+    let body = r#"{"memory_quota_mb": 512, "status": {"phase": "Normal"}, "replicas": []}"#;
+    let (status, _, spec) = call(&control, Method::PUT, "/v1/namespaces/default", body).await;
+    assert_eq!(status, StatusCode::OK, "{spec}");
+    assert_eq!(spec["memory_quota_mb"], 512);
+    assert!(spec.get("status").is_none(), "{spec}");
+
+    let body = r#"{"memory_quota_mb": 512, "replica": []}"#;
+    let (status, _, error) = call(&control, Method::PUT, "/v1/namespaces/default", body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("replica"), "{message}");
 }
