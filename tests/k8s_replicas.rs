@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::k8s::*;
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
+use tokio::net::TcpListener;
 
 /// A running `fngate proxy` process.
 struct ReplicaProcess {
@@ -34,13 +35,18 @@ impl ReplicaProcess {
     /// Starts replica `name` of namespace `default` against `env`'s control plane and cluster,
     /// and waits until its `/readyz` answers 200.
     async fn start(env: &Env, name: &str) -> ReplicaProcess {
+        ReplicaProcess::start_with(env, name, env.fngate.api).await
+    }
+
+    /// Like [`ReplicaProcess::start`], with the control-plane API at `control_plane`.
+    async fn start_with(env: &Env, name: &str, control_plane: SocketAddr) -> ReplicaProcess {
         let stderr_path = env.fngate.dir.path().join(format!("{name}.stderr"));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_fngate"))
             .arg("proxy")
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(["--proxy-threads", "1"])
-            .args(["--control-plane", &format!("http://{}", env.fngate.api)])
+            .args(["--control-plane", &format!("http://{control_plane}")])
             .args(["--namespace", "default", "--kube-namespace", &env.namespace])
             .args(["--replica", name])
             .arg("--kubeconfig")
@@ -388,4 +394,93 @@ async fn update_drains_replica_pod() {
     .await;
     let replicas = replicas_of(&env.runtime_pods().await);
     assert!(replicas.iter().all(|r| r == "proxy-a"), "{replicas:?}");
+}
+
+/// A TCP relay on loopback to a target the test can change, standing in for the stable
+/// address (a Service) of a control plane that restarts on another port.
+struct Relay {
+    addr: SocketAddr,
+    target: std::sync::Arc<std::sync::Mutex<SocketAddr>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target = std::sync::Arc::new(std::sync::Mutex::new(target));
+        let current = std::sync::Arc::clone(&target);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let to = *current.lock().unwrap();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Relay { addr, target, task }
+    }
+
+    fn retarget(&self, target: SocketAddr) {
+        *self.target.lock().unwrap() = target;
+    }
+}
+
+/// A replica outlives a control plane restart: while the control plane is down it serves from
+/// its warm pod, and afterwards it routes only pods of the new control plane, which deletes
+/// the earlier ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_survives_control_plane_restart() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start_sim(dir, "", &web_toml("site", &code, "")).await;
+    let relay = Relay::start(env.fngate.api).await;
+    let a = ReplicaProcess::start_with(&env, "proxy-a", relay.addr).await;
+    let first = get(a.proxy, "/web/default/site/").await;
+    assert_eq!(first.status, 200, "{}\n{}", first.text(), a.stderr());
+    let earlier_pod = name_of(&env.runtime_pods().await[0]);
+
+    let pid = env.fngate.pid() as i32;
+    assert!(signal(pid, libc::SIGKILL));
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while process_alive(pid) {
+        // Reaps the killed child, which otherwise stays a zombie.
+        // SAFETY: waitpid only writes the status integer.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        assert!(Instant::now() < deadline, "fngate survived SIGKILL");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let during = get(a.proxy, "/web/default/site/").await;
+    assert_eq!(during.status, 200, "{}\n{}", during.text(), a.stderr());
+    assert_eq!(pid_of(&during), pid_of(&first), "the warm pod was not used");
+
+    let platform = std::fs::read_to_string(env.fngate.dir.path().join("fngate.toml")).unwrap();
+    let second = tokio::task::block_in_place(|| Fngate::start(tempdir(), &platform));
+    relay.retarget(second.api);
+    env.wait_pods("without the earlier pod", |pods| {
+        !pods.iter().any(|pod| name_of(pod) == earlier_pod)
+    })
+    .await;
+    let after = get(a.proxy, "/web/default/site/").await;
+    assert_eq!(
+        after.status,
+        200,
+        "{}\n{}\n{}",
+        after.text(),
+        a.stderr(),
+        second.stderr()
+    );
+    assert_ne!(pid_of(&after), pid_of(&first), "the earlier pod was routed");
+    assert_eq!(replicas_of(&env.runtime_pods().await), ["proxy-a"]);
 }
