@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::k8s::*;
@@ -59,15 +57,7 @@ impl ReplicaProcess {
             .stderr(stderr)
             .spawn()
             .expect("failed to start fngate proxy");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let address = |line: &str| -> Option<SocketAddr> {
             let rest = line.split("listening on http://").nth(1)?;
             rest.split_whitespace().next()?.parse().ok()

@@ -39,6 +39,20 @@ pub struct Code {
     pub dir: PathBuf,
 }
 
+/// Returns the lines `child` prints on its piped stdout, read on a thread of their own.
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// Writes an executable file.
 pub fn write_executable(path: &Path, content: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -171,15 +185,7 @@ impl Fngate {
             .spawn()
             .expect("failed to start fngate");
 
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let mut addrs = std::collections::HashMap::new();
         let mut banner = Vec::new();
         let deadline = Instant::now() + WAIT_LIMIT;
