@@ -157,16 +157,17 @@ async fn replicas_route_only_their_own_pods() {
     );
     assert_eq!(env.runtime_pods().await.len(), 2);
 
-    let status = get(env.fngate.api, "/v1/namespaces/default/functions/site").await;
-    let mut listed: Vec<String> = status.json()["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|instance| instance["state"] == "ready")
-        .map(|instance| instance["replica"].as_str().unwrap().to_owned())
-        .collect();
-    listed.sort();
-    assert_eq!(listed, ["proxy-a", "proxy-b"], "{}", status.text());
+    // The status follows the scalers, which may see a pod ready a moment after its replica.
+    wait_instances(&env, &b, "ready on both replicas", |instances| {
+        let mut ready: Vec<&str> = instances
+            .iter()
+            .filter(|instance| instance["state"] == "ready")
+            .filter_map(|instance| instance["replica"].as_str())
+            .collect();
+        ready.sort();
+        ready == ["proxy-a", "proxy-b"]
+    })
+    .await;
 
     let namespace = get(env.fngate.api, "/v1/namespaces/default").await.json();
     let replicas: Vec<&str> = namespace["replicas"]
