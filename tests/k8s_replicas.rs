@@ -341,13 +341,14 @@ async fn update_drains_replica_pod() {
 
     let proxy = a.proxy;
     let slow = tokio::spawn(async move { get(proxy, "/web/default/site/?ms=2000").await });
-    // The control plane knows of the request from the replica's report.
-    wait_instances(&env, &a, "busy", |instances| {
-        instances
-            .iter()
-            .any(|i| i["replica"] == "proxy-a" && i["in_flight"] == 1)
-    })
-    .await;
+    // Changed as soon as the replica forwards the request, before its next report can tell
+    // the control plane.
+    let labels = [("namespace", "default"), ("function", "site")];
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while metric_at(a.admin, "fngate_in_flight_requests", &labels).await != 1.0 {
+        assert!(Instant::now() < deadline, "the slow request never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     let body = serde_json::json!({
         "kind": "web",

@@ -754,6 +754,9 @@ impl Platform {
                     if let Some(mirror) = live.get(&instance.id) {
                         let idle_for = Duration::from_millis(instance.idle_ms);
                         mirror.set_reported_usage(instance.in_flight, idle_for);
+                        if !instance.routed {
+                            mirror.set_reported_unrouted();
+                        }
                     }
                 }
             }

@@ -287,10 +287,20 @@ impl Scaler {
             .insert(id, (label, Arc::clone(&managed.instance)));
         let drain_grace = self.resolved().spec.timeout() + Duration::from_secs(1);
         let events = self.events_tx.clone();
+        // A replica's pod is idle only once the replica reports it stopped routing there.
+        let mirror = self.parts.replica != crate::backend::LOCAL_REPLICA;
         tokio::spawn(async move {
             managed.running.drain().await;
             if state == InstanceState::Draining {
-                let _ = tokio::time::timeout(drain_grace, managed.instance.wait_idle()).await;
+                let instance = &managed.instance;
+                let idle = async {
+                    if mirror {
+                        instance.wait_released().await;
+                    } else {
+                        instance.wait_idle().await;
+                    }
+                };
+                let _ = tokio::time::timeout(drain_grace, idle).await;
             }
             managed.running.stop(STOP_GRACE).await;
             let _ = events

@@ -48,6 +48,8 @@ pub struct Instance {
     /// Milliseconds since [`clock_origin`] when a request last finished here.
     last_released_ms: AtomicU64,
     idle: Notify,
+    /// On a control-plane mirror: the replica reported that it no longer routes here.
+    unrouted: AtomicBool,
     pub(crate) conns: ConnPool,
 }
 
@@ -65,6 +67,7 @@ impl Instance {
             served_first: AtomicBool::new(false),
             last_released_ms: AtomicU64::new(now_ms()),
             idle: Notify::new(),
+            unrouted: AtomicBool::new(false),
             conns: ConnPool::new(capacity.max(1) as usize),
         }
     }
@@ -124,6 +127,28 @@ impl Instance {
             .store(now_ms().saturating_sub(idle_ms), SeqCst);
         if in_flight == 0 {
             self.idle.notify_waiters();
+        }
+    }
+
+    /// Records, on a control-plane mirror, that the replica no longer routes requests here.
+    /// Wakes [`Instance::wait_released`] once nothing is in flight either.
+    pub fn set_reported_unrouted(&self) {
+        self.unrouted.store(true, SeqCst);
+        self.idle.notify_waiters();
+    }
+
+    /// Waits, on a control-plane mirror, until the replica reported that it no longer routes
+    /// here and has no request in flight. The mirror's own in-flight count may be a report
+    /// old, so [`Instance::wait_idle`] alone could stop a pod the replica still uses.
+    pub async fn wait_released(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.unrouted.load(SeqCst) && self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
         }
     }
 

@@ -104,6 +104,9 @@ pub struct Pool {
     /// Demand a proxy replica reported, on a control-plane mirror of the replica's pool. Such a
     /// pool takes no requests, so the scaler reads the replica's demand from it instead.
     reported: Mutex<Option<Demand>>,
+    /// Instances taken out of routing since the last [`Pool::take_retired`], kept only on a
+    /// proxy replica's pool (after [`Pool::track_retired`]), which reports them until idle.
+    retired: Mutex<Option<Vec<Arc<Instance>>>>,
     demand_changed: Notify,
 }
 
@@ -175,8 +178,29 @@ impl Pool {
             start_failure: ArcSwapOption::empty(),
             capacity_note: ArcSwapOption::empty(),
             reported: Mutex::new(None),
+            retired: Mutex::new(None),
             demand_changed: Notify::new(),
         })
+    }
+
+    /// Starts keeping the instances taken out of routing, for [`Pool::take_retired`].
+    pub fn track_retired(&self) {
+        self.retired.lock().get_or_insert_with(Vec::new);
+    }
+
+    /// Returns the instances taken out of routing since the last call, and forgets them.
+    pub fn take_retired(&self) -> Vec<Arc<Instance>> {
+        self.retired
+            .lock()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn record_retired(&self, instances: &[Arc<Instance>]) {
+        if let Some(retired) = self.retired.lock().as_mut() {
+            retired.extend(instances.iter().cloned());
+        }
     }
 
     /// Returns the requests in flight and queued: this pool's own, or on a mirror pool the
@@ -405,6 +429,7 @@ impl Pool {
         });
         if let Some(instance) = &removed {
             instance.set_state(state);
+            self.record_retired(std::slice::from_ref(instance));
         }
         removed
     }
@@ -416,7 +441,13 @@ impl Pool {
         if added.is_empty() && removed.is_empty() {
             return;
         }
+        let mut taken_out = Vec::new();
         self.instances.rcu(|current| {
+            taken_out = current
+                .iter()
+                .filter(|i| removed.contains(&i.id()))
+                .cloned()
+                .collect();
             let mut next: Vec<Arc<Instance>> = current
                 .iter()
                 .filter(|i| !removed.contains(&i.id()) && !added.iter().any(|a| a.id() == i.id()))
@@ -425,6 +456,7 @@ impl Pool {
             next.extend(added.iter().cloned());
             next
         });
+        self.record_retired(&taken_out);
         if !added.is_empty() {
             self.start_failure.store(None);
             self.dispatch();

@@ -237,6 +237,7 @@ impl RoutesState {
             keep
         });
         for (key, pool) in live {
+            pool.track_retired();
             self.forwarders.entry(key).or_insert_with(|| {
                 let demand = Arc::clone(&self.demand);
                 let watched = Arc::clone(&pool);
@@ -303,9 +304,9 @@ async fn report_loop(config: ReplicaConfig, router: Arc<Router>, demand: Arc<Not
 /// failure or keep-warm expires.
 #[derive(Default)]
 struct ReportTracker {
-    /// Per function, the instances of the last report, so that an instance the replica stopped
-    /// routing is still reported while requests on it are in flight.
-    reported: HashMap<FunctionKey, HashMap<u64, Arc<Instance>>>,
+    /// Per function, the instances taken out of routing that still had requests in flight at
+    /// the last report. They are reported until those finish, so that draining waits for them.
+    unrouted: HashMap<FunctionKey, HashMap<u64, Arc<Instance>>>,
     /// Per function, the end of the back-off of the start failure applied last.
     failures: HashMap<FunctionKey, Instant>,
 }
@@ -314,45 +315,34 @@ impl ReportTracker {
     fn report(&mut self, router: &Router, namespace: &str) -> Report {
         let table = router.table();
         let mut functions = Vec::new();
-        let mut reported = HashMap::new();
+        let mut unrouted_after = HashMap::new();
         for function in table.functions() {
             if function.key.namespace != namespace {
                 continue;
             }
-            let mut current: HashMap<u64, Arc<Instance>> = function
-                .pool
-                .instances()
-                .iter()
-                .map(|instance| (instance.id(), Arc::clone(instance)))
-                .collect();
-            let routed = current.len();
-            // Instances no longer routed: reported until their last request finished, and
-            // once more at zero.
-            let mut unrouted = Vec::new();
-            if let Some(previous) = self.reported.remove(&function.key) {
-                for (id, instance) in previous {
-                    if let std::collections::hash_map::Entry::Vacant(entry) = current.entry(id) {
-                        unrouted.push(Arc::clone(&instance));
-                        entry.insert(instance);
-                    }
-                }
+            let routed = function.pool.instances();
+            // Instances taken out of routing: reported until their last request finished,
+            // and once more at zero.
+            let mut unrouted = self.unrouted.remove(&function.key).unwrap_or_default();
+            for instance in function.pool.take_retired() {
+                unrouted.insert(instance.id(), instance);
             }
-            let demand = function.pool.demand();
-            let mut instances: Vec<InstanceReport> = current
-                .values()
-                .map(|instance| InstanceReport {
-                    id: instance.id(),
-                    in_flight: instance.in_flight(),
-                    idle_ms: u64::try_from(instance.idle_for().as_millis()).unwrap_or(u64::MAX),
-                })
+            unrouted.retain(|id, _| !routed.iter().any(|instance| instance.id() == *id));
+
+            let usage = |instance: &Instance, routed: bool| InstanceReport {
+                id: instance.id(),
+                in_flight: instance.in_flight(),
+                idle_ms: u64::try_from(instance.idle_for().as_millis()).unwrap_or(u64::MAX),
+                routed,
+            };
+            let mut instances: Vec<InstanceReport> = routed
+                .iter()
+                .map(|instance| usage(instance, true))
+                .chain(unrouted.values().map(|instance| usage(instance, false)))
                 .collect();
             instances.sort_by_key(|instance| instance.id);
-            debug_assert!(current.len() == routed + unrouted.len());
-            for instance in unrouted {
-                if instance.in_flight() == 0 {
-                    current.remove(&instance.id());
-                }
-            }
+
+            let demand = function.pool.demand();
             if demand.total() > 0 || !instances.is_empty() {
                 functions.push(FunctionReport {
                     name: function.key.name.clone(),
@@ -362,9 +352,12 @@ impl ReportTracker {
                     instances,
                 });
             }
-            reported.insert(function.key.clone(), current);
+            unrouted.retain(|_, instance| instance.in_flight() > 0);
+            if !unrouted.is_empty() {
+                unrouted_after.insert(function.key.clone(), unrouted);
+            }
         }
-        self.reported = reported;
+        self.unrouted = unrouted_after;
         Report { functions }
     }
 
@@ -483,14 +476,20 @@ mod tests {
             concurrency: 1,
         };
         let function = router.upsert(key, settings);
+        function.pool.track_retired();
         (router, function)
     }
 
-    fn reported_ids(report: &Report) -> Vec<(u64, u32)> {
+    fn reported_ids(report: &Report) -> Vec<(u64, u32, bool)> {
         report
             .functions
             .iter()
-            .flat_map(|function| function.instances.iter().map(|i| (i.id, i.in_flight)))
+            .flat_map(|function| {
+                function
+                    .instances
+                    .iter()
+                    .map(|i| (i.id, i.in_flight, i.routed))
+            })
             .collect()
     }
 
@@ -503,19 +502,57 @@ mod tests {
         let instance = Arc::new(Instance::new(7, addr, 1, Duration::ZERO));
         function.pool.add_instance(Arc::clone(&instance));
         let mut tracker = ReportTracker::default();
-        assert_eq!(reported_ids(&tracker.report(&router, "team")), [(7, 0)]);
+        assert_eq!(
+            reported_ids(&tracker.report(&router, "team")),
+            [(7, 0, true)]
+        );
 
         let permit = function.pool.acquire(Duration::from_secs(1)).await.unwrap();
         let report = tracker.report(&router, "team");
         assert_eq!(report.functions[0].in_flight, 1);
         function.pool.remove_instance(7, InstanceState::Draining);
-        assert_eq!(reported_ids(&tracker.report(&router, "team")), [(7, 1)]);
-        assert_eq!(reported_ids(&tracker.report(&router, "team")), [(7, 1)]);
+        assert_eq!(
+            reported_ids(&tracker.report(&router, "team")),
+            [(7, 1, false)]
+        );
+        assert_eq!(
+            reported_ids(&tracker.report(&router, "team")),
+            [(7, 1, false)]
+        );
 
         drop(permit);
-        assert_eq!(reported_ids(&tracker.report(&router, "team")), [(7, 0)]);
+        assert_eq!(
+            reported_ids(&tracker.report(&router, "team")),
+            [(7, 0, false)]
+        );
         let report = tracker.report(&router, "team");
         assert!(report.functions.is_empty(), "{report:?}");
+    }
+
+    /// An instance routed and taken out of routing between two reports, with a request still
+    /// on it, is reported as no longer routed.
+    #[tokio::test]
+    async fn instance_removed_between_reports_reported() {
+        let (router, function) = router_with_function();
+        let mut tracker = ReportTracker::default();
+        assert!(tracker.report(&router, "team").functions.is_empty());
+
+        let addr = "127.0.0.1:9".parse().unwrap();
+        function
+            .pool
+            .add_instance(Arc::new(Instance::new(9, addr, 1, Duration::ZERO)));
+        let permit = function.pool.acquire(Duration::from_secs(1)).await.unwrap();
+        function.pool.update_instances(&[], &[9]);
+        assert_eq!(
+            reported_ids(&tracker.report(&router, "team")),
+            [(9, 1, false)]
+        );
+        drop(permit);
+        assert_eq!(
+            reported_ids(&tracker.report(&router, "team")),
+            [(9, 0, false)]
+        );
+        assert!(tracker.report(&router, "team").functions.is_empty());
     }
 
     /// A start failure is applied once per back-off: repeated in later responses it fails no

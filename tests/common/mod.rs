@@ -53,6 +53,23 @@ pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
+/// Reads one metric's value from the `/metrics` of the admin listener at `admin`, summed over
+/// the series with the given label pairs; 0 when absent.
+pub async fn metric_at(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let response = get(admin, "/metrics").await;
+    let text = String::from_utf8_lossy(&response.body).to_string();
+    text.lines()
+        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+        .filter(|line| line[name.len()..].starts_with(['{', ' ']))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Writes an executable file.
 pub fn write_executable(path: &Path, content: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -249,18 +266,7 @@ impl Fngate {
 
     /// Reads one metric's value for the given label pairs from `/metrics`, 0 when absent.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let response = get(self.admin, "/metrics").await;
-        let text = String::from_utf8_lossy(&response.body).to_string();
-        text.lines()
-            .filter(|line| line.starts_with(name) && !line.starts_with('#'))
-            .filter(|line| line[name.len()..].starts_with(['{', ' ']))
-            .filter(|line| {
-                labels
-                    .iter()
-                    .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_at(self.admin, name, labels).await
     }
 
     /// Waits until `condition` holds on a metric, failing the test after [`WAIT_LIMIT`].

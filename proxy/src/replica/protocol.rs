@@ -103,6 +103,14 @@ pub struct InstanceReport {
     pub in_flight: u32,
     /// Milliseconds since a request last finished on the instance.
     pub idle_ms: u64,
+    /// False once the replica stopped sending requests to the instance, so that draining can
+    /// stop it when `in_flight` reaches zero.
+    #[serde(default = "routed_default")]
+    pub routed: bool,
+}
+
+fn routed_default() -> bool {
+    true
 }
 
 /// The control plane's response to a report: what the scaler has found that the replica's waiting
