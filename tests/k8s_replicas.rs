@@ -430,8 +430,9 @@ impl Relay {
 }
 
 /// A replica outlives a control plane restart: while the control plane is down it serves from
-/// its warm pod, and afterwards it routes only pods of the new control plane, which deletes
-/// the earlier ones.
+/// its warm pod, a request on that pod finishes after the new control plane started, and
+/// afterwards the replica routes only pods of the new control plane, which deletes the earlier
+/// ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_survives_control_plane_restart() {
     let dir = tempdir();
@@ -457,9 +458,20 @@ async fn replica_survives_control_plane_restart() {
     assert_eq!(during.status, 200, "{}\n{}", during.text(), a.stderr());
     assert_eq!(pid_of(&during), pid_of(&first), "the warm pod was not used");
 
+    // A request still running on the earlier pod when the new control plane starts.
+    let proxy = a.proxy;
+    let slow = tokio::spawn(async move { get(proxy, "/web/default/site/?ms=2000").await });
+    let labels = [("namespace", "default"), ("function", "site")];
+    while metric_at(a.admin, "fngate_in_flight_requests", &labels).await != 1.0 {
+        assert!(Instant::now() < deadline, "the slow request never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let platform = std::fs::read_to_string(env.fngate.dir.path().join("fngate.toml")).unwrap();
     let second = tokio::task::block_in_place(|| Fngate::start(tempdir(), &platform));
     relay.retarget(second.api);
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, 200, "{}\n{}", slow.text(), second.stderr());
+    assert_eq!(pid_of(&slow), pid_of(&first));
     env.wait_pods("without the earlier pod", |pods| {
         !pods.iter().any(|pod| name_of(pod) == earlier_pod)
     })

@@ -197,8 +197,9 @@ impl RoutesState {
         if self.watcher.as_ref().map(|(owner, _)| owner) != Some(&routes.owner) {
             if let Some((previous, watcher)) = self.watcher.take() {
                 drop(watcher);
-                // A new owner is a restarted control plane, which deletes the previous one's
-                // pods. Requests in flight on them finish; new ones wait for new pods.
+                // A new owner is a restarted control plane, which marks the previous one's
+                // pods draining and deletes them after their function's timeout. Requests in
+                // flight on them finish; new ones wait for new pods.
                 tracing::info!(previous = %previous, owner = %routes.owner,
                     "control plane restarted; routing only the pods it owns");
                 for function in self.router.table().functions() {

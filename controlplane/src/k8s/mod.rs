@@ -569,6 +569,7 @@ async fn delete_orphans(pods: Api<Pod>, owner: String) {
                         "deleting runtime pods left by an earlier fngate control plane"
                     );
                 }
+                let mut deletions = Vec::new();
                 for orphan in orphans {
                     let (Some(name), Some(uid)) = (orphan.metadata.name, orphan.metadata.uid)
                     else {
@@ -579,8 +580,12 @@ async fn delete_orphans(pods: Api<Pod>, owner: String) {
                         .and_then(|spec| spec.termination_grace_period_seconds)
                         .and_then(|seconds| u64::try_from(seconds).ok())
                         .unwrap_or(30);
-                    delete_pod(&pods, &name, &uid, Duration::from_secs(grace)).await;
+                    let pods = pods.clone();
+                    deletions.push(async move {
+                        retire_orphan(&pods, &name, &uid, Duration::from_secs(grace)).await;
+                    });
                 }
+                futures_util::future::join_all(deletions).await;
                 return;
             }
             Err(error) => {
@@ -591,6 +596,23 @@ async fn delete_orphans(pods: Api<Pod>, owner: String) {
             }
         }
     }
+}
+
+/// Deletes a pod of an earlier control plane. Proxy replicas may still have requests on it,
+/// forwarded before they learned of this control plane, so it is marked draining (no proxy
+/// routes it any more), left for its function's timeout (the grace period less the stop
+/// margin), and then deleted with its grace period.
+async fn retire_orphan(pods: &Api<Pod>, name: &str, uid: &str, grace: Duration) {
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {ANNOTATION_DRAINING: "true"}},
+    });
+    let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+    let mark = pods.patch(name, &params, &patch);
+    if let Ok(Ok(_)) = tokio::time::timeout(API_CALL_LIMIT, mark).await {
+        let requests = grace.saturating_sub(Duration::from_secs(pod::STOP_MARGIN_SECS));
+        tokio::time::sleep(requests).await;
+    }
+    delete_pod(pods, name, uid, grace).await;
 }
 
 /// Waits until the pod is routable, or fails with the reason its status gives.

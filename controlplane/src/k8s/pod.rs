@@ -19,7 +19,7 @@ pub const RUNTIME_WRAPPER: &str = "/usr/local/bin/fngate-runtime";
 /// Name of the runtime container.
 pub const CONTAINER: &str = "runtime";
 /// Time a pod gets after its function's timeout to stop once deleted.
-const STOP_MARGIN_SECS: u64 = 5;
+pub const STOP_MARGIN_SECS: u64 = 5;
 
 /// Annotation with the SHA-256 of the pod's code package, for the node agent.
 pub const ANNOTATION_CODE_SHA256: &str = "fngate.io/code-sha256";
