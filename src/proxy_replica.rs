@@ -33,9 +33,10 @@ pub struct ProxyArgs {
     /// The function namespace this replica serves.
     #[arg(long, env = "FNGATE_NAMESPACE")]
     namespace: String,
-    /// The k8s namespace of the runtime pods.
+    /// The k8s namespace of the runtime pods; by default the one the namespace's binding names,
+    /// which the control plane sends. When both are set and differ, the binding's is watched.
     #[arg(long, env = "FNGATE_RUNTIME_NAMESPACE")]
-    kube_namespace: String,
+    kube_namespace: Option<String>,
     /// This replica's name, unique among the namespace's replicas: in a Deployment, the pod's
     /// name from the downward API.
     #[arg(long, env = "FNGATE_REPLICA")]
@@ -58,6 +59,8 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     crate::init_tracing(&args.log)?;
     let control_plane = fngate_proxy::replica::parse_control_plane(&args.control_plane)
         .map_err(|error| anyhow::anyhow!("invalid --control-plane: {error}"))?;
+    fngate_proxy::replica::check_name(&args.replica)
+        .map_err(|error| anyhow::anyhow!("invalid --replica (FNGATE_REPLICA): {error}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::k8s::*;
 use common::*;
+use hyper::Method;
 use k8s_openapi::api::core::v1::Pod;
 use tokio::net::TcpListener;
 
@@ -33,11 +34,17 @@ impl ReplicaProcess {
     /// Starts replica `name` of namespace `default` against `env`'s control plane and cluster,
     /// and waits until its `/readyz` answers 200.
     async fn start(env: &Env, name: &str) -> ReplicaProcess {
-        ReplicaProcess::start_with(env, name, env.fngate.api).await
+        ReplicaProcess::start_with(env, name, env.fngate.api, &[]).await
     }
 
-    /// Like [`ReplicaProcess::start`], with the control-plane API at `control_plane`.
-    async fn start_with(env: &Env, name: &str, control_plane: SocketAddr) -> ReplicaProcess {
+    /// Like [`ReplicaProcess::start`], with the control-plane API at `control_plane` and
+    /// `extra` arguments.
+    async fn start_with(
+        env: &Env,
+        name: &str,
+        control_plane: SocketAddr,
+        extra: &[&str],
+    ) -> ReplicaProcess {
         let stderr_path = env.fngate.dir.path().join(format!("{name}.stderr"));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_fngate"))
@@ -45,7 +52,8 @@ impl ReplicaProcess {
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(["--proxy-threads", "1"])
             .args(["--control-plane", &format!("http://{control_plane}")])
-            .args(["--namespace", "default", "--kube-namespace", &env.namespace])
+            .args(["--namespace", "default"])
+            .args(extra)
             .args(["--replica", name])
             .arg("--kubeconfig")
             .arg(&env.kubeconfig)
@@ -439,7 +447,7 @@ async fn replica_survives_control_plane_restart() {
     let code = web_function(dir.path(), "site");
     let env = Env::start_sim(dir, "", &web_toml("site", &code, "")).await;
     let relay = Relay::start(env.fngate.api).await;
-    let a = ReplicaProcess::start_with(&env, "proxy-a", relay.addr).await;
+    let a = ReplicaProcess::start_with(&env, "proxy-a", relay.addr, &[]).await;
     let first = get(a.proxy, "/web/default/site/").await;
     assert_eq!(first.status, 200, "{}\n{}", first.text(), a.stderr());
     let earlier_pod = name_of(&env.runtime_pods().await[0]);
@@ -487,4 +495,73 @@ async fn replica_survives_control_plane_restart() {
     );
     assert_ne!(pid_of(&after), pid_of(&first), "the earlier pod was routed");
     assert_eq!(replicas_of(&env.runtime_pods().await), ["proxy-a"]);
+}
+
+/// A replica name in use by a running process is rejected for another process (told apart by
+/// their session headers) with 409, while the first keeps its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_replica_name_rejected() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start_sim(dir, "", &web_toml("site", &code, "")).await;
+    let path = "/v1/namespaces/default/replicas/proxy-a/routes";
+    let session = |id: &'static str| [("x-fngate-replica-session", id)];
+
+    let first = request(env.fngate.api, Method::GET, path, "", &session("one")).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.json()["kube_namespace"], env.namespace.as_str());
+    let other = request(env.fngate.api, Method::GET, path, "", &session("two")).await;
+    assert_eq!(other.status, 409, "{}", other.text());
+    let message = other.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("in use by another"), "{message}");
+    let again = request(env.fngate.api, Method::GET, path, "", &session("one")).await;
+    assert_eq!(again.status, 200, "{}", again.text());
+}
+
+/// A replica started with the wrong --kube-namespace watches the binding's k8s namespace,
+/// where its pods are, says so, and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_kube_namespace_follows_binding() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start_sim(dir, "", &web_toml("site", &code, "")).await;
+    let extra = ["--kube-namespace", "elsewhere"];
+    let a = ReplicaProcess::start_with(&env, "proxy-a", env.fngate.api, &extra).await;
+    let reply = get(a.proxy, "/web/default/site/").await;
+    assert_eq!(reply.status, 200, "{}\n{}", reply.text(), a.stderr());
+    assert!(
+        a.stderr().contains("differs from the namespace's binding"),
+        "{}",
+        a.stderr()
+    );
+}
+
+/// A request that waits on a replica cut off from the control plane fails after its queue
+/// budget with a message that names the unreachable control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_control_plane_named_in_error() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start_sim(dir, "", &web_toml("site", &code, "queue_budget_ms = 1000")).await;
+    let a = ReplicaProcess::start(&env, "proxy-a").await;
+
+    let pid = env.fngate.pid() as i32;
+    assert!(signal(pid, libc::SIGKILL));
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while process_alive(pid) {
+        // SAFETY: waitpid only writes the status integer.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        assert!(Instant::now() < deadline, "fngate survived SIGKILL");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = get(a.proxy, "/web/default/site/").await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(
+        reply.text().contains("cannot reach the control plane"),
+        "{}",
+        reply.text()
+    );
 }

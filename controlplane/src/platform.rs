@@ -82,7 +82,9 @@ pub struct PlatformConfig {
 }
 
 /// Most proxy replicas one namespace accepts; each costs a pod watch and a scaler per function.
-pub const MAX_REPLICAS: usize = 100;
+/// Above the largest `proxy_replicas` (100), so a rolling update's new pods and the names still
+/// waiting out their expiry fit.
+pub const MAX_REPLICAS: usize = 250;
 
 struct FunctionEntry {
     spec: Arc<FunctionSpec>,
@@ -110,6 +112,8 @@ struct ReplicaEntry {
     router: Arc<Router>,
     /// Owner id of the pods the replica may route.
     owner: String,
+    /// The session id of the process that uses the name, when it sent one.
+    session: Option<String>,
     last_seen: Instant,
 }
 
@@ -629,13 +633,35 @@ impl Platform {
     /// Records that a proxy replica of `namespace` is alive and returns the owner id of the
     /// pods it may route. A replica seen for the first time joins: it gets a mirror table, a
     /// pod watcher for its pods, and a lane for each function.
-    fn touch_replica(&self, namespace: &str, replica: &str) -> Result<String, PlatformError> {
+    ///
+    /// `session` tells processes apart: a name in use by another session is rejected until
+    /// that session expires, because two proxies routing the same pods would overfill their
+    /// slots.
+    fn touch_replica(
+        &self,
+        namespace: &str,
+        replica: &str,
+        session: Option<&str>,
+    ) -> Result<String, PlatformError> {
         check_replica_name(replica)?;
         let mut namespaces = self.namespaces.lock();
         let entry = namespaces
             .get_mut(namespace)
             .ok_or_else(|| namespace_not_found(namespace))?;
         if let Some(known) = entry.replicas.get_mut(replica) {
+            match (&known.session, session) {
+                (Some(known), Some(session)) if known != session => {
+                    return Err(PlatformError::Conflict(format!(
+                        "replica name {replica:?} of namespace {namespace:?} is in use by another \
+                         fngate proxy process; give each replica its own --replica. If that \
+                         process stopped, this one joins once the name expires, {} s after its \
+                         last report",
+                        EXPIRY.as_secs()
+                    )));
+                }
+                (None, Some(session)) => known.session = Some(session.to_owned()),
+                _ => {}
+            }
             known.last_seen = Instant::now();
             return Ok(known.owner.clone());
         }
@@ -669,6 +695,7 @@ impl Platform {
             ReplicaEntry {
                 router,
                 owner: owner.clone(),
+                session: session.map(str::to_owned),
                 last_seen: Instant::now(),
             },
         );
@@ -682,16 +709,17 @@ impl Platform {
         &self,
         namespace: &str,
         replica: &str,
+        session: Option<&str>,
         after: Option<u64>,
     ) -> Result<Routes, PlatformError> {
-        self.touch_replica(namespace, replica)?;
+        self.touch_replica(namespace, replica, session)?;
         if let Some(after) = after {
             let mut version = self.routes_version.subscribe();
             let changed = version.wait_for(|version| *version != after);
             let _ = tokio::time::timeout(ROUTES_POLL_LIMIT, changed).await;
         }
         // The replica may have expired or the namespace gone while the poll waited.
-        let owner = self.touch_replica(namespace, replica)?;
+        let owner = self.touch_replica(namespace, replica, session)?;
         let version = *self.routes_version.borrow();
         let namespaces = self.namespaces.lock();
         let entry = namespaces
@@ -702,15 +730,12 @@ impl Platform {
             .values()
             .map(|function| RouteEntry::new(&function.spec.name, LATEST, &settings(&function.spec)))
             .collect();
-        let resync_interval_ms = entry
-            .spec
-            .kubernetes
-            .as_ref()
-            .map_or(0, |binding| binding.resync_interval_ms);
+        let binding = entry.spec.kubernetes.as_ref();
         Ok(Routes {
             version,
             owner,
-            resync_interval_ms,
+            resync_interval_ms: binding.map_or(0, |binding| binding.resync_interval_ms),
+            kube_namespace: binding.map_or_else(String::new, |binding| binding.namespace.clone()),
             functions,
         })
     }
@@ -722,9 +747,10 @@ impl Platform {
         &self,
         namespace: &str,
         replica: &str,
+        session: Option<&str>,
         report: &Report,
     ) -> Result<ReportResponse, PlatformError> {
-        self.touch_replica(namespace, replica)?;
+        self.touch_replica(namespace, replica, session)?;
         let namespaces = self.namespaces.lock();
         let entry = namespaces
             .get(namespace)
@@ -865,27 +891,10 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Checks a replica name: a pod name, as the `fngate.io/replica` label value carries it.
+/// Checks a replica name, as [`fngate_proxy::replica::check_name`] does.
 fn check_replica_name(replica: &str) -> Result<(), PlatformError> {
-    let valid = !replica.is_empty()
-        && replica.len() <= 63
-        && replica
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && replica.as_bytes()[0].is_ascii_alphanumeric()
-        && replica.as_bytes()[replica.len() - 1].is_ascii_alphanumeric();
-    if valid && replica != LOCAL_REPLICA {
-        Ok(())
-    } else {
-        Err(PlatformError::invalid(
-            "replica",
-            format!(
-                "{replica:?} is not a replica name: use the proxy pod's name (1 to 63 lowercase \
-                 letters, digits, '-' and '.', starting and ending with a letter or digit), \
-                 other than {LOCAL_REPLICA:?}"
-            ),
-        ))
-    }
+    fngate_proxy::replica::check_name(replica)
+        .map_err(|message| PlatformError::invalid("replica", message))
 }
 
 fn namespace_not_found(name: &str) -> PlatformError {

@@ -455,7 +455,15 @@ impl Inner {
         let name = match meta.get("name").and_then(Value::as_str) {
             Some(name) if !name.is_empty() => name.to_string(),
             _ => match meta.get("generateName").and_then(Value::as_str) {
-                Some(prefix) if !prefix.is_empty() => format!("{prefix}{}", random_suffix()),
+                // As the API server does, the prefix is cut so the name stays within 63
+                // characters with the 5-character suffix.
+                Some(prefix) if !prefix.is_empty() => {
+                    let cut = prefix
+                        .char_indices()
+                        .nth(58)
+                        .map_or(prefix.len(), |(at, _)| at);
+                    format!("{}{}", &prefix[..cut], random_suffix())
+                }
                 _ => {
                     return Err(Status::invalid(
                         resource,

@@ -1044,3 +1044,20 @@ async fn blocked_watch_resumes_after_compaction() {
     );
     driver.abort();
 }
+
+/// A long generateName is cut, as by the API server, so the name with its 5-character suffix
+/// is 63 characters and keeps the prefix's start.
+#[tokio::test]
+async fn generate_name_cut_to_fit() {
+    let h = start(|c| c).await;
+    let api: Api<ConfigMap> = Api::default_namespaced(h.client.clone());
+    let prefix = format!("{}-", "l".repeat(70));
+    let object: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"generateName": prefix},
+    }))
+    .unwrap();
+    let created = api.create(&PostParams::default(), &object).await.unwrap();
+    let name = created.name_any();
+    assert_eq!(name.len(), 63, "{name}");
+    assert!(name.starts_with(&prefix[..58]), "{name}");
+}

@@ -66,7 +66,8 @@ pub struct Demand {
 
 impl Demand {
     pub fn total(&self) -> usize {
-        self.in_flight + self.queued
+        // Saturating: a mirror pool's figures come from a replica's report.
+        self.in_flight.saturating_add(self.queued)
     }
 }
 

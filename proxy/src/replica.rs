@@ -38,6 +38,9 @@ pub const EXPIRY: Duration = Duration::from_secs(5);
 pub const ROUTES_POLL_LIMIT: Duration = Duration::from_secs(25);
 /// Longest wait for the response to a report.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Header with the replica's session: a random id per process, so that the control plane
+/// notices two processes that use the same replica name.
+pub const SESSION_HEADER: &str = "x-fngate-replica-session";
 /// Delays between attempts to reach the control plane: the first, and the longest.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -51,8 +54,29 @@ pub struct ReplicaConfig {
     pub namespace: String,
     /// The replica's name (its pod's name); runtime pods carry it in `fngate.io/replica`.
     pub replica: String,
-    /// The k8s namespace of the runtime pods.
-    pub kube_namespace: String,
+    /// The k8s namespace of the runtime pods; `None` takes it from the control plane.
+    pub kube_namespace: Option<String>,
+}
+
+/// Checks a replica name: a pod name, as the `fngate.io/replica` label value carries it.
+pub fn check_name(replica: &str) -> Result<(), String> {
+    let valid = !replica.is_empty()
+        && replica.len() <= 63
+        && replica
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && replica.as_bytes()[0].is_ascii_alphanumeric()
+        && replica.as_bytes()[replica.len() - 1].is_ascii_alphanumeric();
+    if valid && replica != crate::pod_watch::LOCAL_REPLICA {
+        Ok(())
+    } else {
+        Err(format!(
+            "{replica:?} is not a replica name: use the proxy pod's name (1 to 63 lowercase \
+             letters, digits, '-' and '.', starting and ending with a letter or digit), other \
+             than {:?}",
+            crate::pod_watch::LOCAL_REPLICA
+        ))
+    }
 }
 
 impl ReplicaConfig {
@@ -101,17 +125,19 @@ impl Replica {
     /// Starts polling routes into `router` and reporting its load. `router` counts as synced
     /// once the first routes arrived and the pod watcher listed the pods.
     pub fn spawn(config: ReplicaConfig, kube: kube::Client, router: Arc<Router>) -> Replica {
+        let session = Arc::new(uuid::Uuid::new_v4().to_string());
         let demand = Arc::new(Notify::new());
         router.add_namespace(&config.namespace);
         let routes = tokio::spawn(poll_routes(RoutesState {
             config: config.clone(),
+            session: Arc::clone(&session),
             kube,
             router: Arc::clone(&router),
             demand: Arc::clone(&demand),
             watcher: None,
             forwarders: HashMap::new(),
         }));
-        let reports = tokio::spawn(report_loop(config, router, demand));
+        let reports = tokio::spawn(report_loop(config, session, router, demand));
         Replica {
             tasks: vec![routes, reports],
         }
@@ -120,12 +146,13 @@ impl Replica {
 
 struct RoutesState {
     config: ReplicaConfig,
+    session: Arc<String>,
     kube: kube::Client,
     router: Arc<Router>,
     /// Signalled when a request queues on any function, so the report goes out at once.
     demand: Arc<Notify>,
-    /// The pod watcher, with the owner whose pods it routes.
-    watcher: Option<(String, PodWatcher)>,
+    /// The pod watcher, with the owner whose pods it routes and its k8s namespace.
+    watcher: Option<(String, String, PodWatcher)>,
     /// Per function, a task that passes its pool's demand signal on to `demand`.
     forwarders: HashMap<FunctionKey, (Arc<Pool>, JoinHandle<()>)>,
 }
@@ -142,14 +169,24 @@ async fn poll_routes(mut state: RoutesState) {
     let mut version: Option<u64> = None;
     let mut delay = RETRY_MIN;
     let mut failing = false;
+    let mut received = false;
     loop {
         let path = match version {
             Some(version) => state.config.path(&format!("routes?after={version}")),
             None => state.config.path("routes"),
         };
         let limit = ROUTES_POLL_LIMIT + REPORT_TIMEOUT;
-        let response = call(&state.config.control_plane, Method::GET, &path, None, limit).await;
-        match response.and_then(|body| decode::<Routes>(&body)) {
+        let session = Arc::clone(&state.session);
+        let answer = call(
+            &state.config.control_plane,
+            &session,
+            Method::GET,
+            &path,
+            None,
+            limit,
+        )
+        .await;
+        match answer.and_then(|body| decode::<Routes>(&body)) {
             Ok(routes) => {
                 if failing {
                     tracing::info!("control plane reachable again; routes are current");
@@ -157,14 +194,20 @@ async fn poll_routes(mut state: RoutesState) {
                 }
                 delay = RETRY_MIN;
                 version = Some(routes.version);
+                received = true;
                 state.apply(routes);
             }
             Err(error) => {
                 counter!("fngate_replica_control_plane_errors_total", "call" => "routes")
                     .increment(1);
                 if !failing {
-                    tracing::warn!(error = %error, "cannot fetch routes from the control plane; \
-                        serving the last routes and retrying");
+                    if received {
+                        tracing::warn!(error = %error, "cannot fetch routes from the control \
+                            plane; serving the last routes and retrying");
+                    } else {
+                        tracing::warn!(error = %error, "cannot fetch routes from the control \
+                            plane; not ready until it responds, retrying");
+                    }
                     failing = true;
                 }
                 tokio::time::sleep(delay).await;
@@ -194,8 +237,22 @@ impl RoutesState {
         // function reads "function not found".
         self.router.add_namespace(namespace);
 
-        if self.watcher.as_ref().map(|(owner, _)| owner) != Some(&routes.owner) {
-            if let Some((previous, watcher)) = self.watcher.take() {
+        let kube_namespace = match &self.config.kube_namespace {
+            Some(flag) if !routes.kube_namespace.is_empty() && *flag != routes.kube_namespace => {
+                tracing::warn!(flag = %flag, binding = %routes.kube_namespace,
+                    "--kube-namespace differs from the namespace's binding; watching the \
+                     binding's k8s namespace, where the control plane starts this replica's pods");
+                routes.kube_namespace.clone()
+            }
+            Some(flag) => flag.clone(),
+            None => routes.kube_namespace.clone(),
+        };
+        let current = self
+            .watcher
+            .as_ref()
+            .map(|(owner, namespace, _)| (owner, namespace));
+        if current != Some((&routes.owner, &kube_namespace)) {
+            if let Some((previous, _, watcher)) = self.watcher.take() {
                 drop(watcher);
                 // A new owner is a restarted control plane, which marks the previous one's
                 // pods draining and deletes them after their function's timeout. Requests in
@@ -213,7 +270,7 @@ impl RoutesState {
             let watcher = PodWatcher::spawn(
                 self.kube.clone(),
                 WatchConfig {
-                    namespace: self.config.kube_namespace.clone(),
+                    namespace: kube_namespace.clone(),
                     resync_interval: Duration::from_millis(routes.resync_interval_ms.max(1_000)),
                     runtime_port: RUNTIME_PORT,
                     owner: Some(routes.owner.clone()),
@@ -222,7 +279,7 @@ impl RoutesState {
                 },
                 Arc::clone(&self.router),
             );
-            self.watcher = Some((routes.owner, watcher));
+            self.watcher = Some((routes.owner, kube_namespace, watcher));
         }
 
         let table = self.router.table();
@@ -257,7 +314,12 @@ impl RoutesState {
 
 /// Sends a report whenever a request queued and at least every [`REPORT_INTERVAL`], one at a
 /// time, and applies each response.
-async fn report_loop(config: ReplicaConfig, router: Arc<Router>, demand: Arc<Notify>) {
+async fn report_loop(
+    config: ReplicaConfig,
+    session: Arc<String>,
+    router: Arc<Router>,
+    demand: Arc<Notify>,
+) {
     let mut tracker = ReportTracker::default();
     let path = config.path("report");
     let mut failing = false;
@@ -267,6 +329,7 @@ async fn report_loop(config: ReplicaConfig, router: Arc<Router>, demand: Arc<Not
         tracing::trace!(report = %String::from_utf8_lossy(&body), "reporting load");
         let response = call(
             &config.control_plane,
+            &session,
             Method::POST,
             &path,
             Some(body),
@@ -288,6 +351,15 @@ async fn report_loop(config: ReplicaConfig, router: Arc<Router>, demand: Arc<Not
                     tracing::warn!(error = %error, "cannot report to the control plane; \
                         no new instances start for this replica until it responds");
                     failing = true;
+                }
+                // Requests that time out waiting then say why no instance started.
+                let note = format!(
+                    "this proxy replica cannot reach the control plane at {} ({error}), so no \
+                     instance starts for it",
+                    config.control_plane
+                );
+                for function in router.table().functions() {
+                    function.pool.set_capacity_note(Some(note.clone()));
                 }
             }
         }
@@ -400,6 +472,7 @@ fn decode<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
 /// response. Any other status becomes an error carrying the body's text.
 async fn call(
     base: &Uri,
+    session: &str,
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
@@ -407,7 +480,8 @@ async fn call(
 ) -> Result<Bytes, String> {
     let authority = base.authority().expect("checked by parse_control_plane");
     let exchange = async {
-        let stream = tokio::net::TcpStream::connect(authority.as_str())
+        let port = authority.port_u16().unwrap_or(80);
+        let stream = tokio::net::TcpStream::connect((authority.host(), port))
             .await
             .map_err(|error| format!("cannot connect to {authority}: {error}"))?;
         let (mut sender, connection) =
@@ -418,7 +492,8 @@ async fn call(
         let mut request = http::Request::builder()
             .method(method.clone())
             .uri(path)
-            .header(http::header::HOST, authority.as_str());
+            .header(http::header::HOST, authority.as_str())
+            .header(SESSION_HEADER, session);
         if body.is_some() {
             request = request.header(http::header::CONTENT_TYPE, "application/json");
         }

@@ -109,15 +109,34 @@ where
         }
         Route::ReplicaRoutes { namespace, replica } => {
             let after = after_version(request.uri().query())?;
-            let routes = control.replica_routes(&namespace, &replica, after).await?;
+            let session = replica_session(&request)?;
+            let routes = control
+                .replica_routes(&namespace, &replica, session.as_deref(), after)
+                .await?;
             Ok(reply::json(StatusCode::OK, &routes))
         }
         Route::ReplicaReport { namespace, replica } => {
+            let session = replica_session(&request)?;
             let bytes = body::read(request).await?;
             let report = body::report(&bytes)?;
-            let response = control.replica_report(&namespace, &replica, &report)?;
+            let response =
+                control.replica_report(&namespace, &replica, session.as_deref(), &report)?;
             Ok(reply::json(StatusCode::OK, &response))
         }
+    }
+}
+
+/// Reads the session header of a proxy replica's call, if it sent one.
+fn replica_session<B>(request: &Request<B>) -> Result<Option<String>, PlatformError> {
+    let Some(value) = request.headers().get(fngate_proxy::replica::SESSION_HEADER) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(session) if !session.is_empty() && session.len() <= 64 => Ok(Some(session.to_owned())),
+        _ => Err(PlatformError::invalid(
+            fngate_proxy::replica::SESSION_HEADER,
+            "must be 1 to 64 visible ASCII characters",
+        )),
     }
 }
 

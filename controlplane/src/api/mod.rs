@@ -75,6 +75,7 @@ pub(crate) trait Control: Send + Sync + 'static {
         &self,
         namespace: &str,
         replica: &str,
+        session: Option<&str>,
         after: Option<u64>,
     ) -> impl Future<Output = Result<Routes, PlatformError>> + Send;
     /// Takes a proxy replica's report.
@@ -82,6 +83,7 @@ pub(crate) trait Control: Send + Sync + 'static {
         &self,
         namespace: &str,
         replica: &str,
+        session: Option<&str>,
         report: &Report,
     ) -> Result<ReportResponse, PlatformError>;
 }
@@ -147,18 +149,20 @@ impl Control for Platform {
         &self,
         namespace: &str,
         replica: &str,
+        session: Option<&str>,
         after: Option<u64>,
     ) -> impl Future<Output = Result<Routes, PlatformError>> + Send {
-        Platform::replica_routes(self, namespace, replica, after)
+        Platform::replica_routes(self, namespace, replica, session, after)
     }
 
     fn replica_report(
         &self,
         namespace: &str,
         replica: &str,
+        session: Option<&str>,
         report: &Report,
     ) -> Result<ReportResponse, PlatformError> {
-        Platform::replica_report(self, namespace, replica, report)
+        Platform::replica_report(self, namespace, replica, session, report)
     }
 }
 

@@ -144,6 +144,7 @@ impl Control for FakeControl {
         &self,
         namespace: &str,
         _replica: &str,
+        _session: Option<&str>,
         _after: Option<u64>,
     ) -> Result<Routes, PlatformError> {
         Err(replicas_unsupported(namespace))
@@ -153,6 +154,7 @@ impl Control for FakeControl {
         &self,
         namespace: &str,
         _replica: &str,
+        _session: Option<&str>,
         _report: &Report,
     ) -> Result<ReportResponse, PlatformError> {
         Err(replicas_unsupported(namespace))

@@ -19,6 +19,9 @@ pub struct Routes {
     pub owner: String,
     /// How often the replica's pod watcher lists the runtime pods again.
     pub resync_interval_ms: u64,
+    /// The k8s namespace of the runtime pods, from the namespace's binding.
+    #[serde(default)]
+    pub kube_namespace: String,
     pub functions: Vec<RouteEntry>,
 }
 
