@@ -218,8 +218,25 @@ fn check_proxy_settings(binding: &KubeBinding) -> Result<(), PlatformError> {
             ));
         }
     }
+    let annotation_bytes: usize = binding
+        .service_annotations
+        .iter()
+        .map(|(key, value)| key.len() + value.len())
+        .sum();
+    if annotation_bytes > ANNOTATIONS_MAX_BYTES {
+        return Err(PlatformError::invalid(
+            "kubernetes.service_annotations",
+            format!(
+                "total {annotation_bytes} bytes of keys and values; the Kubernetes API accepts \
+                 at most {ANNOTATIONS_MAX_BYTES} bytes of annotations on an object"
+            ),
+        ));
+    }
     Ok(())
 }
+
+/// Most bytes of annotation keys and values the Kubernetes API server accepts on one object.
+const ANNOTATIONS_MAX_BYTES: usize = 256 * 1024;
 
 /// Returns why `value` is not a DNS-1123 label (a k8s namespace name), if it is not.
 fn dns_label_problem(value: &str) -> Option<String> {
@@ -1032,6 +1049,14 @@ service_annotations = { "service.beta.kubernetes.io/aws-load-balancer-internal" 
             assert_eq!(got_field, field, "{binding}: {message}");
             assert!(message.contains(needle), "{binding}: {message}");
         }
+        let large = format!(
+            "service_annotations = {{ \"a\" = \"{}\", \"b\" = \"{}\" }}",
+            "x".repeat(130 * 1024),
+            "y".repeat(130 * 1024)
+        );
+        let (field, message) = binding_error(&large).expect("oversized annotations accepted");
+        assert_eq!(field, "kubernetes.service_annotations");
+        assert!(message.contains("262144"), "{message}");
         let spec: NamespaceSpec =
             toml::from_str("name = \"team\"\n[kubernetes]\nnamespace = \"Runtime_NS\"\n").unwrap();
         let error = namespace(&spec).unwrap_err().to_string();

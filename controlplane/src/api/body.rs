@@ -18,6 +18,8 @@ use crate::model::{FunctionSpec, NamespaceSpec};
 
 /// Largest request body the API reads; a spec is a few kilobytes at most.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Longest time the API waits for a request body to arrive in full.
+pub const BODY_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reads the whole body of `request`, rejecting it with `BodyTooLarge` past `MAX_BODY_BYTES`.
 /// A larger `Content-Length` is rejected before any of the body is read.
@@ -37,10 +39,13 @@ where
     if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
         return Err(too_large);
     }
-    match Limited::new(request.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
+    let collect = Limited::new(request.into_body(), MAX_BODY_BYTES).collect();
+    let Ok(collected) = tokio::time::timeout(BODY_READ_LIMIT, collect).await else {
+        return Err(ApiError::BodyTimeout {
+            limit: BODY_READ_LIMIT,
+        });
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(too_large),
         Err(e) => Err(PlatformError::invalid("body", format!("could not be read: {e}")).into()),

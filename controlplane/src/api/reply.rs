@@ -26,6 +26,8 @@ pub(crate) enum ApiError {
     },
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("request body did not arrive in full within {} s", limit.as_secs())]
+    BodyTimeout { limit: std::time::Duration },
 }
 
 impl ApiError {
@@ -43,6 +45,7 @@ impl ApiError {
                 (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed")
             }
             ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLarge"),
+            ApiError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
         }
     }
 

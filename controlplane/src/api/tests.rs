@@ -468,3 +468,26 @@ async fn namespace_put_ignores_status_fields() {
     let message = error["error"]["message"].as_str().unwrap();
     assert!(message.contains("replica"), "{message}");
 }
+
+/// A body that stops arriving is given up after the read limit with a 408 naming it, so a
+/// stalled client cannot hold the request forever.
+#[tokio::test(start_paused = true)]
+async fn stalled_body_times_out() {
+    let stalled = http_body_util::StreamBody::new(futures_util::stream::pending::<
+        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+    >());
+    let request = Request::builder()
+        .method(Method::PUT)
+        .uri("/v1/namespaces/default")
+        .body(stalled)
+        .unwrap();
+    let response = handler::handle(&FakeControl::default(), request).await;
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["error"]["code"], "RequestTimeout");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("30 s"),
+        "{body}"
+    );
+}

@@ -277,6 +277,8 @@ fn proxy_pod_spec(
         format!("--namespace={function_namespace}"),
         format!("--kube-namespace={}", binding.namespace),
         format!("--control-plane={control_plane_url}"),
+        // A rollout lets requests finish for as long as the longest function timeout.
+        format!("--shutdown-grace-ms={}", crate::validate::TIMEOUT_MS_MAX),
     ];
     if let Some(kubeconfig) = &binding.agent_kubeconfig {
         args.push(format!("--kubeconfig={}", kubeconfig.display()));
@@ -285,6 +287,8 @@ fn proxy_pod_spec(
     let mut pod_spec = json!({
         "serviceAccountName": name,
         "automountServiceAccountToken": true,
+        // The proxy exits as soon as its connections are drained; this only bounds the wait.
+        "terminationGracePeriodSeconds": crate::validate::TIMEOUT_MS_MAX / 1000 + 10,
         "securityContext": {
             "runAsNonRoot": true,
             "runAsUser": PROXY_USER,
@@ -783,6 +787,8 @@ mod tests {
         let pod = &deployment["spec"]["template"]["spec"];
         assert_eq!(pod["serviceAccountName"], "fngate-proxy-runtime");
         assert_eq!(pod["automountServiceAccountToken"], true);
+        // Longer than the proxy's shutdown grace, so a draining proxy is never killed early.
+        assert_eq!(pod["terminationGracePeriodSeconds"], 910);
         // Placement rules are for runtime pods and the agent; the proxy runs anywhere.
         for field in ["nodeSelector", "tolerations", "affinity"] {
             assert!(pod.get(field).is_none(), "{field} in {pod}");
@@ -798,6 +804,7 @@ mod tests {
                 "--namespace=team",
                 "--kube-namespace=runtime",
                 format!("--control-plane={URL}"),
+                "--shutdown-grace-ms=900000",
             ])
         );
         assert_eq!(
