@@ -32,7 +32,7 @@ impl Drop for ReplicaProcess {
 
 impl ReplicaProcess {
     /// Starts replica `name` of namespace `default` against `env`'s control plane and cluster,
-    /// and waits until its `/readyz` answers 200.
+    /// and waits until its `/readyz` returns 200.
     async fn start(env: &Env, name: &str) -> ReplicaProcess {
         ReplicaProcess::start_with(env, name, env.fngate.api, &[]).await
     }

@@ -189,7 +189,7 @@ impl Pool {
         self.retired.lock().get_or_insert_with(Vec::new);
     }
 
-    /// Returns the instances taken out of routing since the last call, and forgets them.
+    /// Returns the instances taken out of routing since the last call, and clears the list.
     pub fn take_retired(&self) -> Vec<Arc<Instance>> {
         self.retired
             .lock()

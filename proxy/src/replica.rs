@@ -5,10 +5,10 @@
 //! The replica learns the namespace's functions from the control plane by long poll
 //! ([`protocol::Routes`]) and its pods from a pod watcher of its own. It reports its demand and
 //! each instance's load ([`protocol::Report`]) when a request queues and at least every
-//! [`REPORT_INTERVAL`]; the control plane runs one scaler per function for it on those figures,
-//! and responds with the start failures its waiting requests should fail with. The report is
-//! also the replica's heartbeat: after [`EXPIRY`] without one, the control plane deletes the
-//! replica's pods.
+//! [`REPORT_INTERVAL`]. The control plane runs one scaler per function for it on those figures.
+//! Its response carries the start failures that the replica's waiting requests fail with. The
+//! report is also the replica's heartbeat: after [`EXPIRY`] without one, the control plane
+//! deletes the replica's pods.
 
 pub mod protocol;
 
@@ -30,13 +30,14 @@ use crate::pool::Pool;
 use crate::table::{FunctionKey, Router};
 use protocol::{FunctionReport, InstanceReport, Report, ReportResponse, Routes};
 
-/// Longest time between two reports; a replica reports sooner when a request queues.
+/// Maximum time between two reports; a replica reports sooner when a request queues.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Time without a report after which the control plane counts a replica as gone.
 pub const EXPIRY: Duration = Duration::from_secs(5);
-/// Longest time the control plane holds a routes poll before it responds with unchanged routes.
+/// Maximum time the control plane keeps a routes poll open before it responds with unchanged
+/// routes.
 pub const ROUTES_POLL_LIMIT: Duration = Duration::from_secs(25);
-/// Longest wait for the response to a report.
+/// Maximum wait for the response to a report.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Header with the replica's session: a random id per process, so that the control plane
 /// notices two processes that use the same replica name.
@@ -45,7 +46,7 @@ pub const SESSION_HEADER: &str = "x-fngate-replica-session";
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// What a replica needs to know about itself.
+/// Settings of a replica.
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
     /// Base URL of the control-plane API, `http://host:port`.

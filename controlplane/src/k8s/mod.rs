@@ -599,9 +599,9 @@ async fn delete_orphans(pods: Api<Pod>, owner: String) {
 }
 
 /// Deletes a pod of an earlier control plane. Proxy replicas may still have requests on it,
-/// forwarded before they learned of this control plane, so it is marked draining (no proxy
-/// routes it any more), left for its function's timeout (the grace period less the stop
-/// margin), and then deleted with its grace period.
+/// forwarded before they learned of this control plane. So the pod is marked draining, which
+/// takes it out of every proxy's routing, and is deleted with its grace period once its
+/// function's timeout (the grace period less the stop margin) has passed.
 async fn retire_orphan(pods: &Api<Pod>, name: &str, uid: &str, grace: Duration) {
     let patch = serde_json::json!({
         "metadata": {"annotations": {ANNOTATION_DRAINING: "true"}},
