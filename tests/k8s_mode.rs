@@ -1813,3 +1813,38 @@ async fn installed_proxy_pods_serve_requests() {
     assert_eq!(again.status, 200, "{}", again.text());
     assert_eq!(pid_of(&again), first_pids[0], "the warm pod was not reused");
 }
+
+/// With a proxy Deployment installed, `min_instances` keeps a warm pod for each proxy replica
+/// and none for the proxy inside fngate serve, which the binding's clients do not use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_instances_warm_per_installed_replica() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "src");
+    let package = dir.path().join("site.zip");
+    zip_function(&code, &package);
+    let binding = format!(
+        "{}\nproxy_replicas = 2",
+        agent_binding(&dir.path().join("kubeconfig"), &dir.path().join("node"))
+    );
+    let functions = format!(
+        "[[function]]\nnamespace = \"default\"\nname = \"site\"\nkind = \"web\"\nmin_instances = 1\ncode = {{ zip_file = \"{}\" }}\n",
+        package.display()
+    );
+    let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, fngate_image())];
+    let env = Env::start(Target::Sim { nodes }, dir, &binding, &functions).await;
+    wait_phase(&env, "Normal").await;
+
+    // The local scaler started with the function, before the replicas joined, so a local
+    // minimum pod would exist by the time both replicas' pods do.
+    let pods = env
+        .wait_pods("one per proxy replica", |pods| pods.len() >= 2)
+        .await;
+    let mut replicas: Vec<String> = pods
+        .iter()
+        .map(|pod| pod.metadata.labels.as_ref().unwrap()["fngate.io/replica"].clone())
+        .collect();
+    replicas.sort();
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    assert!(!replicas.contains(&"local".to_owned()), "{replicas:?}");
+    assert_ne!(replicas[0], replicas[1], "{replicas:?}");
+}

@@ -124,6 +124,17 @@ struct NamespaceEntry {
     backend: Arc<dyn InstanceBackend>,
     functions: BTreeMap<String, FunctionEntry>,
     replicas: BTreeMap<String, ReplicaEntry>,
+    /// Whether the in-process proxy's lanes keep `min_instances` warm: not when the binding
+    /// installs a proxy Deployment, whose replicas then keep them.
+    local_keeps_minimum: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Whether the in-process proxy's lanes of a namespace keep the functions' minimum warm.
+fn local_keeps_minimum(spec: &NamespaceSpec) -> bool {
+    !spec
+        .kubernetes
+        .as_ref()
+        .is_some_and(|binding| binding.install)
 }
 
 /// The control plane of one fngate process.
@@ -265,6 +276,19 @@ impl Platform {
                 entry.functions.values().map(|f| f.spec.as_ref()).collect();
             crate::validate::quota_fits_functions(&spec, &functions)?;
             entry.quota.set_limit(spec.memory_quota_mb);
+            let keeps = local_keeps_minimum(&spec);
+            if entry
+                .local_keeps_minimum
+                .swap(keeps, std::sync::atomic::Ordering::SeqCst)
+                != keeps
+            {
+                // Wakes the local lanes, which start or retire their minimum.
+                for function in entry.functions.values() {
+                    if let Some(lane) = function.lanes.get(LOCAL_REPLICA) {
+                        lane.function.pool.notify_demand();
+                    }
+                }
+            }
             entry.spec = spec;
             return Ok(Applied::Updated);
         }
@@ -275,6 +299,7 @@ impl Platform {
             NamespaceEntry {
                 backend: backend.expect("a new namespace gets a backend"),
                 quota: Arc::new(Quota::new(spec.memory_quota_mb)),
+                local_keeps_minimum: Arc::new(local_keeps_minimum(&spec).into()),
                 spec,
                 functions: BTreeMap::new(),
                 replicas: BTreeMap::new(),
@@ -523,6 +548,11 @@ impl Platform {
             live: Arc::clone(&live),
             instance_ids: Arc::clone(&self.instance_ids),
             replica: replica.to_owned(),
+            keeps_minimum: if replica == LOCAL_REPLICA {
+                Arc::clone(&namespace.local_keeps_minimum)
+            } else {
+                Arc::new(true.into())
+            },
         }));
         Lane {
             function,

@@ -71,6 +71,9 @@ pub struct ScalerParts {
     /// proxy in this process, else a mirror of a replica's pool, which its pods are labelled
     /// with.
     pub replica: String,
+    /// Whether the lane keeps the function's `min_instances` warm. False for the in-process
+    /// proxy's lane of a namespace whose proxy Deployment serves its requests.
+    pub keeps_minimum: Arc<std::sync::atomic::AtomicBool>,
 }
 
 enum Event {
@@ -161,13 +164,31 @@ impl Scaler {
         self.parts.resolved.borrow().clone()
     }
 
+    /// The minimum this lane keeps: the function's `min_instances`, or none.
+    fn min_instances(&self, spec: &FunctionSpec) -> u32 {
+        if self.parts.keeps_minimum.load(SeqCst) {
+            spec.min_instances
+        } else {
+            0
+        }
+    }
+
     fn reconcile(&mut self) {
         let resolved = self.resolved();
         let spec = &resolved.spec;
         self.retire_failed();
 
         let demand = self.parts.function.pool.demand();
-        let desired = desired_instances(demand.total(), spec);
+        let min_instances = self.min_instances(spec);
+        let desired = if min_instances == spec.min_instances {
+            desired_instances(demand.total(), spec)
+        } else {
+            let lane_spec = FunctionSpec {
+                min_instances,
+                ..FunctionSpec::clone(spec)
+            };
+            desired_instances(demand.total(), &lane_spec)
+        };
         let current = self.ready.len() + self.starting.len();
         let backing_off = self.retry_at.is_some_and(|at| Instant::now() < at);
         if desired > current && !backing_off {
@@ -232,7 +253,7 @@ impl Scaler {
 
     /// Drains instances idle for longer than keep-warm, keeping at least `desired`.
     fn scale_down(&mut self, desired: usize, spec: &FunctionSpec) {
-        let floor = desired.max(spec.min_instances as usize);
+        let floor = desired.max(self.min_instances(spec) as usize);
         let excess = self.ready.len().saturating_sub(floor);
         if excess == 0 {
             return;
@@ -452,7 +473,7 @@ impl Scaler {
         let now = Instant::now();
         let mut wake = now + Duration::from_secs(3600);
         let spec = self.resolved().spec;
-        if self.ready.len() > spec.min_instances as usize {
+        if self.ready.len() > self.min_instances(&spec) as usize {
             for managed in self.ready.values() {
                 let remaining = spec.keep_warm().saturating_sub(managed.instance.idle_for());
                 wake = wake.min(now + remaining + Duration::from_millis(1));
