@@ -401,6 +401,7 @@ fn write_manifests(args: &ManifestsArgs) -> anyhow::Result<()> {
             code_dir: code.path,
             code_digest: code.digest,
             replica: fngate_controlplane::backend::LOCAL_REPLICA.to_owned(),
+            layers: None,
         };
         let node_code_dir = k8s::pod::node_code_dir(&request.code_dir, &function_dir, binding);
         let pod = k8s::pod::runtime_pod(binding, &request, &node_code_dir);

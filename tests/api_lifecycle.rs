@@ -148,3 +148,100 @@ async fn invalid_function_rejected_with_field() {
         missing.text()
     );
 }
+
+/// Writes a zip with `files` (name and content), each readable.
+fn plain_zip(path: &Path, files: &[(&str, &str)]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let options = zip::write::SimpleFileOptions::default().unix_permissions(0o644);
+    for (name, content) in files {
+        zip.start_file(*name, options).unwrap();
+        zip.write_all(content.as_bytes()).unwrap();
+    }
+    zip.finish().unwrap();
+}
+
+/// A function's layers are merged in order into the directory its instances find in
+/// `FNGATE_LAYER_DIR`: the later layer's file wins, and reordering the layers replaces the
+/// instance. Bad layer lists are rejected naming the field.
+#[tokio::test]
+async fn layers_merged_for_instances() {
+    let fngate = Fngate::start(tempdir(), "");
+    let packages = tempdir();
+    let code = packages.path().join("code.zip");
+    let file = std::fs::File::create(&code).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let options = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
+    zip.start_file("scf_bootstrap", options).unwrap();
+    zip.write_all(
+        b"#!/bin/bash\nexec python3 -c '\nimport os\nfrom http.server import HTTPServer, BaseHTTPRequestHandler\nclass H(BaseHTTPRequestHandler):\n    def do_GET(self):\n        layers = os.environ[\"FNGATE_LAYER_DIR\"]\n        body = open(os.path.join(layers, \"greeting.txt\"), \"rb\").read() + b\" \" + open(os.path.join(layers, \"extra.txt\"), \"rb\").read()\n        self.send_response(200)\n        self.send_header(\"Content-Length\", str(len(body)))\n        self.end_headers()\n        self.wfile.write(body)\n    def log_message(self, *a):\n        pass\nHTTPServer((\"127.0.0.1\", int(os.environ[\"PORT\"])), H).serve_forever()\n'\n",
+    )
+    .unwrap();
+    zip.finish().unwrap();
+    let first = packages.path().join("first.zip");
+    let second = packages.path().join("second.zip");
+    plain_zip(
+        &first,
+        &[("greeting.txt", "first"), ("extra.txt", "from-first")],
+    );
+    plain_zip(&second, &[("greeting.txt", "second")]);
+
+    let created = put_json(&fngate, "/v1/namespaces/shop", "{}").await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let spec = |layers: &[&Path]| {
+        let layers: Vec<String> = layers
+            .iter()
+            .map(|path| format!(r#"{{"zip_file": "{}"}}"#, path.display()))
+            .collect();
+        format!(
+            r#"{{"kind": "web", "code": {{"zip_file": "{}"}}, "layers": [{}]}}"#,
+            code.display(),
+            layers.join(", ")
+        )
+    };
+    let path = "/v1/namespaces/shop/functions/greet";
+    let created = put_json(&fngate, path, &spec(&[&first, &second])).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let reply = get(fngate.proxy, "/web/shop/greet/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.text(), "second from-first");
+
+    let reordered = put_json(&fngate, path, &spec(&[&second, &first])).await;
+    assert_eq!(reordered.status, 200, "{}", reordered.text());
+    let reply = get(fngate.proxy, "/web/shop/greet/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.text(), "first from-first");
+
+    let six = vec![first.as_path(); 6];
+    let missing = packages.path().join("missing.zip");
+    let cases = [
+        (spec(&six), "layers"),
+        (spec(&[&first, &missing]), "layers[1].zip_file"),
+        (
+            format!(
+                r#"{{"kind": "web", "code": {{"zip_file": "{}"}}, "layers": [{{"zip_file": "rel.zip"}}]}}"#,
+                code.display()
+            ),
+            "layers[0].zip_file",
+        ),
+    ];
+    for (body, needle) in cases {
+        let rejected = put_json(&fngate, path, &body).await;
+        assert!(
+            (400..500).contains(&rejected.status),
+            "{needle}: {}",
+            rejected.text()
+        );
+        let message = rejected.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(needle), "{needle}: {message}");
+    }
+    let reply = get(fngate.proxy, "/web/shop/greet/").await;
+    assert_eq!(
+        reply.text(),
+        "first from-first",
+        "a rejected update changed the function"
+    );
+}

@@ -1848,3 +1848,30 @@ async fn min_instances_warm_per_installed_replica() {
     assert!(!replicas.contains(&"local".to_owned()), "{replicas:?}");
     assert_ne!(replicas[0], replicas[1], "{replicas:?}");
 }
+
+/// Layers are not delivered to nodes yet, so a k8s-mode function with layers is rejected with
+/// the reason instead of starting pods that would lack them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_rejected_in_k8s_mode() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let env = Env::start_sim(dir, "", "").await;
+    let body = json!({
+        "kind": "web",
+        "code": {"directory": code.dir},
+        "layers": [{"zip_file": "/srv/layers/lib.zip"}],
+    });
+    let rejected = put_json(
+        env.fngate.api,
+        "/v1/namespaces/default/functions/site",
+        &body,
+    )
+    .await;
+    assert_eq!(rejected.status, 400, "{}", rejected.text());
+    let message = rejected.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("layers"), "{message}");
+    assert!(message.contains("does not deliver layers"), "{message}");
+}

@@ -29,6 +29,17 @@ pub struct StartRequest {
     /// The proxy replica that routes to the instance; [`LOCAL_REPLICA`] for the proxy inside
     /// this process. k8s mode labels the pod with it.
     pub replica: String,
+    /// The function's layers, merged into one directory; `None` without layers.
+    pub layers: Option<Layers>,
+}
+
+/// A function's layers as resolved on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layers {
+    /// The directory with the merged layers, which instances find in `FNGATE_LAYER_DIR`.
+    pub dir: PathBuf,
+    /// SHA-256 of each layer's package, in the function's order.
+    pub digests: Vec<String>,
 }
 
 impl StartRequest {

@@ -155,6 +155,176 @@ fn resolve_zip(
     })
 }
 
+/// A function's layers merged into one directory, with what resolving it created on disk.
+#[derive(Debug)]
+#[must_use = "a layer directory that is not used should be discarded"]
+pub struct LayerDir {
+    /// Canonical directory with the merged layers.
+    pub path: PathBuf,
+    /// SHA-256 of each layer's zip archive, in the function's order.
+    pub digests: Vec<String>,
+    created: Vec<PathBuf>,
+    unpacked: bool,
+}
+
+impl LayerDir {
+    /// Removes the merged directory this resolve created, as [`CodeDir::discard`] does.
+    pub fn discard(self) {
+        if self.unpacked {
+            if let Err(e) = fs::remove_dir_all(&self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "failed to remove rejected layers");
+            }
+        }
+        remove_empty_dirs(&self.created);
+    }
+}
+
+/// Path of a function's merged layers relative to a function directory:
+/// `<namespace>/<function>/layers/<16 hex digits>`, named by the SHA-256 of the layers'
+/// digests in order, so the same layers in another order are another directory.
+pub fn layers_path(namespace: &str, function: &str, digests: &[String]) -> PathBuf {
+    let set = Sha256::digest(digests.join("\n").as_bytes());
+    let name: String = set.iter().map(|b| format!("{b:02x}")).collect();
+    Path::new(namespace)
+        .join(function)
+        .join("layers")
+        .join(&name[..VERSION_HEX_LEN])
+}
+
+/// Resolves a function's layers (zip archives) to one directory: each is stored as a package,
+/// as code is, and unpacked in order into a staging directory, a later layer's files replacing
+/// an earlier one's, which is then renamed into place. `None` without layers. Blocking.
+pub fn resolve_layers(
+    layers: &[crate::model::Layer],
+    function_dir: &Path,
+    namespace: &str,
+    function: &str,
+) -> Result<Option<LayerDir>, PlatformError> {
+    if layers.is_empty() {
+        return Ok(None);
+    }
+    check_path_component(namespace)?;
+    check_path_component(function)?;
+    let mut files = Vec::with_capacity(layers.len());
+    let mut digests = Vec::with_capacity(layers.len());
+    for (index, layer) in layers.iter().enumerate() {
+        let path = &layer.zip_file;
+        let mut file = File::open(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => code_error(
+                path,
+                format!("zip file not found; check layers[{index}].zip_file"),
+            ),
+            _ => code_error(path, format!("cannot be opened: {e}")),
+        })?;
+        let digest = sha256_hex(&mut file).map_err(|e| code_error(path, e))?;
+        store_package(&mut file, function_dir, &digest).map_err(|e| code_error(path, e))?;
+        files.push(file);
+        digests.push(digest);
+    }
+
+    let version = layers_path(namespace, function, &digests);
+    let target = function_dir.join(&version);
+    let parent = target.parent().expect("a layers path has a parent");
+    let mut created = Vec::new();
+    let mut unpacked = false;
+    if !target.is_dir() {
+        created = missing_dirs(&function_dir.join(namespace), parent);
+        let result = fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))
+            .and_then(|()| unpack_layers(files, parent, &target, unzip::LIMITS));
+        match result {
+            Ok(renamed) => unpacked = renamed,
+            Err(message) => {
+                remove_empty_dirs(&created);
+                return Err(code_error(&layers[0].zip_file, message));
+            }
+        }
+    }
+    let path = fs::canonicalize(&target)
+        .map_err(|e| PlatformError::Internal(format!("{}: {e}", target.display())))?;
+    Ok(Some(LayerDir {
+        path,
+        digests,
+        created,
+        unpacked,
+    }))
+}
+
+/// Unpacks each layer into a staging directory of its own and merges them, in order, into one
+/// staging directory, which is renamed to `target`. Returns false if a concurrent resolve put
+/// the same layers there first.
+fn unpack_layers(
+    files: Vec<File>,
+    parent: &Path,
+    target: &Path,
+    limits: unzip::Limits,
+) -> Result<bool, String> {
+    let name = target.file_name().unwrap_or_default().to_string_lossy();
+    let merged = StagingDir::create(parent, &name)?;
+    for (index, mut file) in files.into_iter().enumerate() {
+        let layer = StagingDir::create(parent, &format!("{name}.layer{index}"))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| format!("layer {index} cannot be read: {e}"))?;
+        unzip::unpack(file, layer.path(), limits).map_err(|e| format!("layer {index}: {e}"))?;
+        merge_tree(layer.path(), merged.path(), Path::new(""))
+            .map_err(|e| format!("layer {index}: {e}"))?;
+    }
+    merged.commit(target)
+}
+
+/// Copies the tree under `from` into `into` at `relative`, replacing files and symlinks of the
+/// same path. A directory where the other tree has a file or a symlink, or the reverse, is an
+/// error: replacing it would drop files, and writing through a symlink could leave the tree.
+fn merge_tree(from: &Path, into: &Path, relative: &Path) -> Result<(), String> {
+    let read = |e: io::Error, path: &Path| format!("{} cannot be read: {e}", quoted(path));
+    let entries = fs::read_dir(from.join(relative)).map_err(|e| read(e, relative))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| read(e, relative))?;
+        let path = relative.join(entry.file_name());
+        let source = from.join(&path);
+        let dest = into.join(&path);
+        let kind = fs::symlink_metadata(&source)
+            .map_err(|e| read(e, &path))?
+            .file_type();
+        let existing = fs::symlink_metadata(&dest)
+            .ok()
+            .map(|meta| meta.file_type());
+        let conflict = || {
+            format!(
+                "{} is a directory in one layer and a file or symlink in another; layers may \
+                 replace files, not directories",
+                quoted(&path)
+            )
+        };
+        let write = |e: io::Error| format!("{} cannot be written: {e}", quoted(&path));
+        if kind.is_dir() {
+            match existing {
+                None => fs::create_dir(&dest).map_err(write)?,
+                Some(existing) if existing.is_dir() => {}
+                Some(_) => return Err(conflict()),
+            }
+            merge_tree(from, into, &path)?;
+            continue;
+        }
+        match existing {
+            Some(existing) if existing.is_dir() => return Err(conflict()),
+            Some(_) => fs::remove_file(&dest).map_err(write)?,
+            None => {}
+        }
+        if kind.is_symlink() {
+            let link = fs::read_link(&source).map_err(|e| read(e, &path))?;
+            std::os::unix::fs::symlink(link, &dest).map_err(write)?;
+        } else {
+            fs::copy(&source, &dest).map_err(write)?;
+        }
+    }
+    Ok(())
+}
+
+fn quoted(path: &Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
 /// Path of the stored package with SHA-256 `digest` (64 hex digits).
 pub fn package_path(function_dir: &Path, digest: &str) -> PathBuf {
     function_dir.join("packages").join(format!("{digest}.zip"))

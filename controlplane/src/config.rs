@@ -240,6 +240,11 @@ impl Checker<'_> {
             let line = self.line(table.span());
             let mut spec = table.into_inner();
             spec.code = absolute_code(spec.code, base_dir);
+            for layer in &mut spec.layers {
+                if layer.zip_file.is_relative() {
+                    layer.zip_file = base_dir.join(&layer.zip_file);
+                }
+            }
             let invalid = |spec: &FunctionSpec, source| ConfigError::Invalid {
                 path: self.path.to_path_buf(),
                 line,

@@ -223,6 +223,17 @@ pub struct FunctionSpec {
     /// How long an instance may take to become ready before its start counts as failed.
     #[serde(default = "defaults::start_timeout_ms")]
     pub start_timeout_ms: u64,
+    /// Zip packages unpacked, in this order, into one directory that instances find in
+    /// `FNGATE_LAYER_DIR`. A later layer's file replaces an earlier layer's file of the same path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<Layer>,
+}
+
+/// A layer of a function: `{ zip_file = "..." }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    pub zip_file: PathBuf,
 }
 
 mod defaults {

@@ -89,6 +89,7 @@ pub const MAX_REPLICAS: usize = 250;
 struct FunctionEntry {
     spec: Arc<FunctionSpec>,
     code_dir: PathBuf,
+    layers: Option<crate::backend::Layers>,
     resolved: watch::Sender<Resolved>,
     /// One scaler per proxy replica, by replica name.
     lanes: BTreeMap<String, Lane>,
@@ -418,9 +419,21 @@ impl Platform {
                 .get(&spec.namespace)
                 .ok_or_else(|| namespace_not_found(&spec.namespace))?;
             crate::validate::memory_within_quota(&spec, &namespace.spec)?;
+            if namespace.spec.kubernetes.is_some() && !spec.layers.is_empty() {
+                return Err(PlatformError::invalid(
+                    "layers",
+                    format!(
+                        "namespace {:?} runs its functions as pods, and the node agent does \
+                         not deliver layers yet; package the layers' files with the code, or \
+                         use a namespace in default mode",
+                        spec.namespace
+                    ),
+                ));
+            }
         }
-        let (code_dir, code_digest) = self.resolve_code(&spec).await?;
-        let (applied, replaced) = self.apply_function(Arc::new(spec), code_dir, code_digest)?;
+        let (code_dir, code_digest, layers) = self.resolve_code(&spec).await?;
+        let (applied, replaced) =
+            self.apply_function(Arc::new(spec), code_dir, code_digest, layers)?;
         if let Some((lanes, generation)) = replaced {
             // Wait until every lane's scaler took the old instances out of routing, so requests
             // sent after this call returns reach the new version.
@@ -446,6 +459,7 @@ impl Platform {
         spec: Arc<FunctionSpec>,
         code_dir: PathBuf,
         code_digest: Option<String>,
+        layers: Option<crate::backend::Layers>,
     ) -> Result<(Applied, Option<(Vec<watch::Receiver<u64>>, u64)>), PlatformError> {
         let key = function_key(&spec);
         let mut namespaces = self.namespaces.lock();
@@ -454,10 +468,12 @@ impl Platform {
             .ok_or_else(|| namespace_not_found(&spec.namespace))?;
 
         if let Some(entry) = namespace.functions.get_mut(&spec.name) {
-            if *entry.spec == *spec && entry.code_dir == code_dir {
+            if *entry.spec == *spec && entry.code_dir == code_dir && entry.layers == layers {
                 return Ok((Applied::Unchanged, None));
             }
-            let replace = needs_new_instances(&entry.spec, &spec) || entry.code_dir != code_dir;
+            let replace = needs_new_instances(&entry.spec, &spec)
+                || entry.code_dir != code_dir
+                || entry.layers != layers;
             for replica in namespace.replicas.values() {
                 replica.router.upsert(key.clone(), settings(&spec));
             }
@@ -471,10 +487,12 @@ impl Platform {
             };
             entry.spec = Arc::clone(&spec);
             entry.code_dir = code_dir.clone();
+            entry.layers = layers.clone();
             let _ = entry.resolved.send(Resolved {
                 spec,
                 code_dir,
                 code_digest,
+                layers,
                 generation,
             });
             tracing::info!(function = %entry.spec.name, namespace = %entry.spec.namespace, replace, "function updated");
@@ -493,6 +511,7 @@ impl Platform {
             spec: Arc::clone(&spec),
             code_dir: code_dir.clone(),
             code_digest,
+            layers: layers.clone(),
             generation,
         });
         let mut lanes = BTreeMap::new();
@@ -512,6 +531,7 @@ impl Platform {
             FunctionEntry {
                 spec,
                 code_dir,
+                layers,
                 resolved,
                 lanes,
             },
@@ -567,23 +587,35 @@ impl Platform {
     /// Resolves the function's code and checks that it has the executable the function's kind
     /// starts. Code that fails the check is discarded if this call unpacked it.
     /// Returns the code directory and, for a zip package, its SHA-256.
+    #[allow(clippy::type_complexity)]
     async fn resolve_code(
         &self,
         spec: &FunctionSpec,
-    ) -> Result<(PathBuf, Option<String>), PlatformError> {
+    ) -> Result<(PathBuf, Option<String>, Option<crate::backend::Layers>), PlatformError> {
         let source = spec.code.clone();
+        let layers = spec.layers.clone();
         let function_dir = self.config.function_dir.clone();
         let (namespace, name) = (spec.namespace.clone(), spec.name.clone());
         let (kind, runtime) = (spec.kind, spec.event_runtime());
         tokio::task::spawn_blocking(move || {
             let code = crate::code::resolve(&source, &function_dir, &namespace, &name)?;
-            match crate::code::check_entrypoint(&code.path, &source, kind, runtime) {
-                Ok(()) => Ok((code.path, code.digest)),
-                Err(error) => {
-                    code.discard();
-                    Err(error)
-                }
+            if let Err(error) = crate::code::check_entrypoint(&code.path, &source, kind, runtime) {
+                code.discard();
+                return Err(error);
             }
+            let layers =
+                match crate::code::resolve_layers(&layers, &function_dir, &namespace, &name) {
+                    Ok(layers) => layers,
+                    Err(error) => {
+                        code.discard();
+                        return Err(error);
+                    }
+                };
+            let layers = layers.map(|layers| crate::backend::Layers {
+                dir: layers.path,
+                digests: layers.digests,
+            });
+            Ok((code.path, code.digest, layers))
         })
         .await
         .map_err(|error| PlatformError::Internal(format!("code resolution task failed: {error}")))?

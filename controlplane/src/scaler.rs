@@ -39,6 +39,8 @@ pub struct Resolved {
     pub code_dir: PathBuf,
     /// SHA-256 of the code package; `None` for a directory source.
     pub code_digest: Option<String>,
+    /// The function's merged layers, if it has any.
+    pub layers: Option<crate::backend::Layers>,
     pub generation: u64,
 }
 
@@ -231,6 +233,7 @@ impl Scaler {
             function: Arc::clone(spec),
             code_dir: resolved.code_dir.clone(),
             code_digest: resolved.code_digest.clone(),
+            layers: resolved.layers.clone(),
             replica: self.parts.replica.clone(),
         };
         let backend = Arc::clone(&self.parts.backend);

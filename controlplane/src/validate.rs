@@ -307,7 +307,36 @@ pub fn function(spec: &FunctionSpec) -> Result<(), PlatformError> {
     check_limits(spec)?;
     check_runtime(spec)?;
     check_env(spec)?;
-    check_code(&spec.code)
+    check_code(&spec.code)?;
+    check_layers(&spec.layers)
+}
+
+/// Most layers one function takes, as in SCF.
+pub const MAX_LAYERS: usize = 5;
+
+fn check_layers(layers: &[crate::model::Layer]) -> Result<(), PlatformError> {
+    if layers.len() > MAX_LAYERS {
+        return Err(PlatformError::invalid(
+            "layers",
+            format!(
+                "has {} layers, more than the limit of {MAX_LAYERS}; merge some into one package",
+                layers.len()
+            ),
+        ));
+    }
+    for (index, layer) in layers.iter().enumerate() {
+        if !layer.zip_file.is_absolute() {
+            return Err(PlatformError::invalid(
+                format!("layers[{index}].zip_file"),
+                format!(
+                    "path {:?} must be absolute; the API takes absolute paths, and the config \
+                     file resolves relative ones against its own directory",
+                    layer.zip_file.display().to_string()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that one instance of the function fits in its namespace's memory quota, because no
@@ -596,6 +625,7 @@ mod tests {
             queue_limit: 1_000,
             max_body_bytes: 6 * 1024 * 1024,
             start_timeout_ms: 30_000,
+            layers: Vec::new(),
         }
     }
 

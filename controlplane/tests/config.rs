@@ -129,11 +129,24 @@ namespace = "default"
 name = "hello"
 kind = "web"
 code = { zip_file = "../packages/hello.zip" }
+layers = [{ zip_file = "../packages/lib.zip" }, { zip_file = "/srv/layers/tools.zip" }]
 "#;
     fs::write(&path, text).unwrap();
     let file = load(&path).unwrap();
     let expected = dir.path().join("conf/../packages/hello.zip");
     assert_eq!(file.functions[0].code, CodeSource::ZipFile(expected));
+    let layers: Vec<_> = file.functions[0]
+        .layers
+        .iter()
+        .map(|layer| layer.zip_file.clone())
+        .collect();
+    assert_eq!(
+        layers,
+        [
+            dir.path().join("conf/../packages/lib.zip"),
+            std::path::PathBuf::from("/srv/layers/tools.zip")
+        ]
+    );
 }
 
 #[test]

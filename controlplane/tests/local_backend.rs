@@ -76,6 +76,7 @@ impl Fixture {
             code_dir: self.code_dir.clone(),
             code_digest: None,
             replica: fngate_controlplane::backend::LOCAL_REPLICA.to_owned(),
+            layers: None,
         }
     }
 
@@ -97,6 +98,7 @@ impl Fixture {
             queue_limit: 1_000,
             max_body_bytes: 6 * 1024 * 1024,
             start_timeout_ms: BOUND.as_millis() as u64,
+            layers: Vec::new(),
         }
     }
 
@@ -810,6 +812,7 @@ async fn local_examples_listen_on_instance_ip() {
                 code_dir: examples.join(example),
                 code_digest: None,
                 replica: fngate_controlplane::backend::LOCAL_REPLICA.to_owned(),
+                layers: None,
             };
 
             let instance = start_ok(&backend, request).await;

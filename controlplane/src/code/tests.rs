@@ -545,3 +545,127 @@ fn bad_function_name_rejected() {
         );
     }
 }
+
+fn layers(paths: &[&Path]) -> Vec<crate::model::Layer> {
+    paths
+        .iter()
+        .map(|path| crate::model::Layer {
+            zip_file: path.to_path_buf(),
+        })
+        .collect()
+}
+
+/// Layers merge in order: a later layer's file replaces an earlier one's, files of both stay,
+/// modes and symlinks are kept, and the merged directory is reused for the same layers.
+#[test]
+fn layers_merged_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (first, second) = (tmp.path().join("first.zip"), tmp.path().join("second.zip"));
+    write_zip(
+        &first,
+        &[
+            Entry::File("lib/shared.txt", 0o644, b"first"),
+            Entry::File("lib/only-first.txt", 0o600, b"1"),
+            Entry::File("bin/tool", 0o755, b"#!/bin/sh\n"),
+        ],
+    );
+    write_zip(
+        &second,
+        &[
+            Entry::File("lib/shared.txt", 0o644, b"second"),
+            Entry::Symlink("lib/link", "shared.txt"),
+        ],
+    );
+    let function_dir = tmp.path().join("data");
+    let resolved = resolve_layers(
+        &layers(&[&first, &second]),
+        &function_dir,
+        "default",
+        "hello",
+    )
+    .unwrap()
+    .expect("layers resolved");
+    let dir = &resolved.path;
+    assert_eq!(
+        fs::read_to_string(dir.join("lib/shared.txt")).unwrap(),
+        "second"
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("lib/only-first.txt")).unwrap(),
+        "1"
+    );
+    assert_eq!(mode_of(&dir.join("lib/only-first.txt")), "600");
+    assert_eq!(mode_of(&dir.join("bin/tool")), "755");
+    assert_eq!(fs::read_to_string(dir.join("lib/link")).unwrap(), "second");
+    assert_eq!(resolved.digests.len(), 2);
+    assert_eq!(
+        dir,
+        &fs::canonicalize(function_dir.join(layers_path("default", "hello", &resolved.digests)))
+            .unwrap()
+    );
+    for digest in &resolved.digests {
+        assert!(package_path(&function_dir, digest).is_file());
+    }
+    let staging: Vec<_> = fs::read_dir(dir.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(staging.is_empty(), "staging left behind: {staging:?}");
+
+    let again = resolve_layers(
+        &layers(&[&first, &second]),
+        &function_dir,
+        "default",
+        "hello",
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(again.path, resolved.path);
+    let reversed = resolve_layers(
+        &layers(&[&second, &first]),
+        &function_dir,
+        "default",
+        "hello",
+    )
+    .unwrap()
+    .unwrap();
+    assert_ne!(reversed.path, resolved.path);
+    assert_eq!(
+        fs::read_to_string(reversed.path.join("lib/shared.txt")).unwrap(),
+        "first"
+    );
+}
+
+/// A directory in one layer where another has a file or a symlink is rejected, so no layer can
+/// write through an earlier layer's symlink, and nothing is left behind.
+#[test]
+fn layer_type_conflicts_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let link = tmp.path().join("link.zip");
+    write_zip(&link, &[Entry::Dir("etc/"), Entry::Symlink("lib", "etc")]);
+    let into_link = tmp.path().join("into-link.zip");
+    write_zip(&into_link, &[Entry::File("lib/passwd", 0o644, b"x")]);
+    let file = tmp.path().join("file.zip");
+    write_zip(&file, &[Entry::File("etc", 0o644, b"x")]);
+    let function_dir = tmp.path().join("data");
+
+    let message = code_message(resolve_layers(
+        &layers(&[&link, &into_link]),
+        &function_dir,
+        "default",
+        "hello",
+    ));
+    assert!(message.contains("\"lib\""), "{message}");
+    assert!(message.contains("layer 1"), "{message}");
+    assert!(!function_dir.join("etc").exists());
+    let message = code_message(resolve_layers(
+        &layers(&[&link, &file]),
+        &function_dir,
+        "default",
+        "hello",
+    ));
+    assert!(message.contains("\"etc\""), "{message}");
+    let layer_dirs = function_dir.join("default/hello/layers");
+    assert!(!layer_dirs.exists(), "left behind: {layer_dirs:?}");
+}

@@ -243,6 +243,7 @@ mod tests {
             code_dir: PathBuf::from("/srv/fngate/default/hello/abc"),
             code_digest: None,
             replica: crate::backend::LOCAL_REPLICA.to_owned(),
+            layers: None,
         }
     }
 

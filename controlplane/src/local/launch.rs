@@ -136,6 +136,12 @@ pub(super) fn build_env(
     for (name, value) in request.platform_env() {
         set(name, value);
     }
+    if let Some(layers) = &request.layers {
+        set(
+            "FNGATE_LAYER_DIR",
+            layers.dir.to_string_lossy().into_owned(),
+        );
+    }
     match &entrypoint.wrapped_bootstrap {
         Some(bootstrap) => {
             set("FNGATE_INVOKE_LISTEN", addr.to_string());
