@@ -395,13 +395,24 @@ fn write_manifests(args: &ManifestsArgs) -> anyhow::Result<()> {
             &function.name,
         )
         .with_context(|| format!("function {}/{}", function.namespace, function.name))?;
+        let layers = fngate_controlplane::code::resolve_layers(
+            &function.layers,
+            &function_dir,
+            &function.namespace,
+            &function.name,
+        )
+        .with_context(|| format!("function {}/{}", function.namespace, function.name))?
+        .map(|layers| fngate_controlplane::backend::Layers {
+            dir: layers.path,
+            digests: layers.digests,
+        });
         let request = fngate_controlplane::backend::StartRequest {
             instance_id: 0,
             function: Arc::new(function.clone()),
             code_dir: code.path,
             code_digest: code.digest,
             replica: fngate_controlplane::backend::LOCAL_REPLICA.to_owned(),
-            layers: None,
+            layers,
         };
         let node_code_dir = k8s::pod::node_code_dir(&request.code_dir, &function_dir, binding);
         let pod = k8s::pod::runtime_pod(binding, &request, &node_code_dir);

@@ -1849,29 +1849,81 @@ async fn min_instances_warm_per_installed_replica() {
     assert_ne!(replicas[0], replicas[1], "{replicas:?}");
 }
 
-/// Layers are not delivered to nodes yet, so a k8s-mode function with layers is rejected with
-/// the reason instead of starting pods that would lack them.
+/// Writes a zip with `files` (name, mode and content).
+fn zip_files(path: &Path, files: &[(&str, u32, &str)]) {
+    use std::io::Write;
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    for (name, mode, content) in files {
+        let options = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
+        zip.start_file(*name, options).unwrap();
+        zip.write_all(content.as_bytes()).unwrap();
+    }
+    zip.finish().unwrap();
+}
+
+/// Serves `<layers>/greeting.txt` and `<layers>/extra.txt` on the pod's address.
+const LAYER_APP: &str = r#"#!/bin/bash
+exec python3 -c '
+import os
+from http.server import HTTPServer, BaseHTTPRequestHandler
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        layers = os.environ["FNGATE_LAYER_DIR"]
+        body = open(os.path.join(layers, "greeting.txt"), "rb").read() + b" " + open(os.path.join(layers, "extra.txt"), "rb").read()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+HTTPServer((os.environ["FNGATE_INSTANCE_IP"], int(os.environ["PORT"])), H).serve_forever()
+'
+"#;
+
+/// The node agent delivers a function's layers beside its code: it fetches each layer package,
+/// checks its digest, merges them in order into the layers directory the pod names, and the
+/// runtime reads the merged files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn layers_rejected_in_k8s_mode() {
+async fn agent_delivers_layers() {
     let dir = tempdir();
-    let code = web_function(dir.path(), "site");
-    let env = Env::start_sim(dir, "", "").await;
-    let body = json!({
-        "kind": "web",
-        "code": {"directory": code.dir},
-        "layers": [{"zip_file": "/srv/layers/lib.zip"}],
-    });
-    let rejected = put_json(
-        env.fngate.api,
-        "/v1/namespaces/default/functions/site",
-        &body,
-    )
-    .await;
-    assert_eq!(rejected.status, 400, "{}", rejected.text());
-    let message = rejected.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(message.contains("layers"), "{message}");
-    assert!(message.contains("does not deliver layers"), "{message}");
+    let code = dir.path().join("code.zip");
+    zip_files(&code, &[("scf_bootstrap", 0o755, LAYER_APP)]);
+    let (first, second) = (dir.path().join("first.zip"), dir.path().join("second.zip"));
+    zip_files(
+        &first,
+        &[
+            ("greeting.txt", 0o644, "first"),
+            ("extra.txt", 0o644, "from-first"),
+        ],
+    );
+    zip_files(&second, &[("greeting.txt", 0o644, "second")]);
+    let node_dir = dir.path().join("node");
+    let log = dir.path().join("agent.log");
+    let functions = format!(
+        "[[function]]\nnamespace = \"default\"\nname = \"site\"\nkind = \"web\"\ncode = {{ zip_file = \"{}\" }}\nlayers = [{{ zip_file = \"{}\" }}, {{ zip_file = \"{}\" }}]\n",
+        code.display(),
+        first.display(),
+        second.display()
+    );
+    let binding = format!("function_dir = \"{}\"", node_dir.display());
+    let env = Env::start_sim(dir, &binding, &functions).await;
+    let agent = Agent::start(&env, &node_dir, &log);
+
+    let reply = get(env.fngate.proxy, "/web/default/site/").await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}\n{}\n{}",
+        reply.text(),
+        env.fngate.stderr(),
+        agent.log()
+    );
+    assert_eq!(reply.text(), "second from-first");
+    let pod = &env.runtime_pods().await[0];
+    let annotations = pod.metadata.annotations.as_ref().unwrap();
+    let layers = &annotations["fngate.io/layers-version"];
+    assert!(layers.starts_with("default/site/layers/"), "{layers}");
+    assert_eq!(annotations["fngate.io/layer-sha256s"].split(',').count(), 2);
+    assert!(node_dir.join(layers).join("extra.txt").is_file());
 }

@@ -428,6 +428,66 @@ pub fn install_package(
     unpack_version(archive, versions, &target, unzip::LIMITS)
 }
 
+/// Unpacks fetched layer packages into `<function_dir>/<version>`, as [`resolve_layers`] does,
+/// after checking each archive's SHA-256 against `digests` and that `version` is
+/// [`layers_path`] of them. Returns false if the layers were present. Blocking; for the node
+/// agent.
+pub fn install_layers(
+    mut archives: Vec<File>,
+    function_dir: &Path,
+    version: &Path,
+    digests: &[String],
+) -> Result<bool, String> {
+    if digests.is_empty() || archives.len() != digests.len() {
+        return Err(format!(
+            "{} layer packages for {} digests",
+            archives.len(),
+            digests.len()
+        ));
+    }
+    if let Some(digest) = digests.iter().find(|digest| !is_sha256_hex(digest)) {
+        return Err(format!(
+            "invalid digest {digest:?}: expected 64 lowercase hex digits"
+        ));
+    }
+    let components: Vec<&str> = version
+        .components()
+        .map(|c| match c {
+            Component::Normal(part) => part.to_str().unwrap_or(""),
+            _ => "",
+        })
+        .collect();
+    let valid = match components.as_slice() {
+        [namespace, function, "layers", _] if !namespace.is_empty() && !function.is_empty() => {
+            layers_path(namespace, function, digests) == version
+        }
+        _ => false,
+    };
+    if !valid {
+        return Err(format!(
+            "invalid layers path {}: expected <namespace>/<function>/layers/<16 hex digits of \
+             the layers' digests>",
+            version.display()
+        ));
+    }
+    for (index, (archive, digest)) in archives.iter_mut().zip(digests).enumerate() {
+        let actual = sha256_hex(archive)?;
+        if actual != *digest {
+            return Err(format!(
+                "layer {index} digest mismatch: expected sha256 {digest}, got {actual}; the \
+                 package is corrupt or was replaced, so it is not unpacked"
+            ));
+        }
+    }
+    let target = function_dir.join(version);
+    if target.is_dir() {
+        return Ok(false);
+    }
+    let parent = target.parent().expect("a layers path has a parent");
+    fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    unpack_layers(archives, parent, &target, unzip::LIMITS)
+}
+
 /// Unpacks the archive into a staging directory in `versions` and renames it to `target`.
 /// Returns false if a concurrent resolve put the same version there first.
 fn unpack_version(

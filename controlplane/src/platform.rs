@@ -419,17 +419,6 @@ impl Platform {
                 .get(&spec.namespace)
                 .ok_or_else(|| namespace_not_found(&spec.namespace))?;
             crate::validate::memory_within_quota(&spec, &namespace.spec)?;
-            if namespace.spec.kubernetes.is_some() && !spec.layers.is_empty() {
-                return Err(PlatformError::invalid(
-                    "layers",
-                    format!(
-                        "namespace {:?} runs its functions as pods, and the node agent does \
-                         not deliver layers yet; package the layers' files with the code, or \
-                         use a namespace in default mode",
-                        spec.namespace
-                    ),
-                ));
-            }
         }
         let (code_dir, code_digest, layers) = self.resolve_code(&spec).await?;
         let (applied, replaced) =

@@ -46,14 +46,15 @@ fn main() -> ExitCode {
     exit_with(exit.code, &exit.reason)
 }
 
-/// Waits until `FNGATE_CODE_DIR` exists, then makes it the working directory. In a runtime pod
-/// the node agent delivers the code version there, possibly after the pod started, so the wait
-/// is bounded by `FNGATE_CODE_WAIT_MS` (default 30 s). Without `FNGATE_CODE_DIR` it does nothing.
+/// Waits until `FNGATE_CODE_DIR` and `FNGATE_LAYER_DIR`, where set, exist, then makes the code
+/// directory the working directory. In a runtime pod the node agent delivers them, possibly
+/// after the pod started, so the wait is bounded by `FNGATE_CODE_WAIT_MS` (default 30 s).
 fn wait_for_code() -> Result<(), String> {
-    let Some(dir) = std::env::var_os("FNGATE_CODE_DIR") else {
+    let code = std::env::var_os("FNGATE_CODE_DIR").map(std::path::PathBuf::from);
+    let layers = std::env::var_os("FNGATE_LAYER_DIR").map(std::path::PathBuf::from);
+    if code.is_none() && layers.is_none() {
         return Ok(());
-    };
-    let dir = std::path::PathBuf::from(dir);
+    }
     let wait_ms: u64 = match std::env::var("FNGATE_CODE_WAIT_MS") {
         Ok(value) => value
             .trim()
@@ -62,23 +63,30 @@ fn wait_for_code() -> Result<(), String> {
         Err(_) => 30_000,
     };
     let started = std::time::Instant::now();
-    let mut logged = false;
-    while !dir.is_dir() {
-        if started.elapsed() >= std::time::Duration::from_millis(wait_ms) {
-            return Err(format!(
-                "code version {} did not arrive on this node within {wait_ms} ms; check the fngate \
-                 agent on this node and that it can fetch packages from the control plane",
-                dir.display()
-            ));
+    for (what, dir) in [("code version", &code), ("layers", &layers)] {
+        let Some(dir) = dir else { continue };
+        let mut logged = false;
+        while !dir.is_dir() {
+            if started.elapsed() >= std::time::Duration::from_millis(wait_ms) {
+                return Err(format!(
+                    "{what} {} did not arrive on this node within {wait_ms} ms; check the \
+                     fngate agent on this node and that it can fetch packages from the control \
+                     plane",
+                    dir.display()
+                ));
+            }
+            if !logged {
+                eprintln!("fngate-runtime: waiting for {what} {}", dir.display());
+                logged = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        if !logged {
-            eprintln!("fngate-runtime: waiting for code version {}", dir.display());
-            logged = true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    std::env::set_current_dir(&dir)
-        .map_err(|error| format!("cannot enter the code directory {}: {error}", dir.display()))
+    match code {
+        Some(dir) => std::env::set_current_dir(&dir)
+            .map_err(|error| format!("cannot enter the code directory {}: {error}", dir.display())),
+        None => Ok(()),
+    }
 }
 
 /// Replaces the process with `program`, or returns 127 with the reason it cannot run.

@@ -669,3 +669,37 @@ fn layer_type_conflicts_rejected() {
     let layer_dirs = function_dir.join("default/hello/layers");
     assert!(!layer_dirs.exists(), "left behind: {layer_dirs:?}");
 }
+
+/// The agent's side: layer packages are unpacked only at the path their digests name, and
+/// only when every package matches its digest.
+#[test]
+fn install_layers_checks_digests_and_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (first, second) = (tmp.path().join("first.zip"), tmp.path().join("second.zip"));
+    write_zip(&first, &[Entry::File("a.txt", 0o644, b"first")]);
+    write_zip(&second, &[Entry::File("a.txt", 0o644, b"second")]);
+    let digest = |path: &Path| sha256_hex(&mut File::open(path).unwrap()).unwrap();
+    let digests = vec![digest(&first), digest(&second)];
+    let open = || vec![File::open(&first).unwrap(), File::open(&second).unwrap()];
+    let node = tmp.path().join("node");
+    let version = layers_path("default", "hello", &digests);
+
+    let wrong_path = version.parent().unwrap().join("0000000000000000");
+    let error = install_layers(open(), &node, &wrong_path, &digests).unwrap_err();
+    assert!(error.contains("invalid layers path"), "{error}");
+    let swapped = vec![digests[1].clone(), digests[0].clone()];
+    let error = install_layers(open(), &node, &version, &swapped).unwrap_err();
+    assert!(error.contains("invalid layers path"), "{error}");
+    let forged = vec![digests[0].clone(), digests[0].clone()];
+    let forged_version = layers_path("default", "hello", &forged);
+    let error = install_layers(open(), &node, &forged_version, &forged).unwrap_err();
+    assert!(error.contains("layer 1 digest mismatch"), "{error}");
+    assert!(!node.join(&forged_version).exists());
+
+    assert!(install_layers(open(), &node, &version, &digests).unwrap());
+    assert_eq!(
+        fs::read_to_string(node.join(&version).join("a.txt")).unwrap(),
+        "second"
+    );
+    assert!(!install_layers(open(), &node, &version, &digests).unwrap());
+}

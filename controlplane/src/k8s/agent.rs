@@ -1,13 +1,13 @@
-//! The node agent: puts the code packages that runtime pods on its node need into the node's
-//! function directory, and removes versions no pod has used for a while.
+//! The node agent: puts the code and layer packages that runtime pods on its node need into the
+//! node's function directory, and removes versions no pod has used for a while.
 //!
 //! It watches the runtime pods bound to its node. Each pod names its code version in the
-//! annotations `fngate.io/code-sha256` and `fngate.io/code-version`. For a version that is not
-//! on disk, the agent fetches the package from the control plane, checks its SHA-256, unpacks it
-//! beside the target and renames it into place. A runtime therefore never reads a half-written
-//! tree. A package whose digest does not
-//! match is discarded and never unpacked. The runtime wrapper in the pod waits for the version
-//! directory to appear.
+//! annotations `fngate.io/code-sha256` and `fngate.io/code-version`, and its layers in
+//! `fngate.io/layer-sha256s` and `fngate.io/layers-version`. For a version that is not on disk,
+//! the agent fetches the packages from the control plane, checks their SHA-256, unpacks them
+//! beside the target and renames the result into place. A runtime therefore never reads a
+//! half-written tree. A package whose digest does not match is discarded and never unpacked.
+//! The runtime wrapper in the pod waits for the directories to appear.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -25,7 +25,10 @@ use kube::Api;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::pod::{ANNOTATION_CODE_SHA256, ANNOTATION_CODE_VERSION};
+use super::pod::{
+    ANNOTATION_CODE_SHA256, ANNOTATION_CODE_VERSION, ANNOTATION_LAYERS_VERSION,
+    ANNOTATION_LAYER_SHA256S,
+};
 use fngate_proxy::pod_watch::{LABEL_MANAGED_BY, MANAGED_BY};
 
 /// First delay before fetching a package again after a failure; it doubles up to
@@ -58,12 +61,15 @@ pub struct AgentConfig {
     pub listen: Option<std::net::SocketAddr>,
 }
 
-/// One code version a pod needs.
+/// One version a pod needs: its code, or its merged layers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Version {
-    digest: String,
-    /// Relative to the function directory: `<namespace>/<function>/code/<16 hex digits>`.
+    /// The package of the code, or of each layer in order.
+    digests: Vec<String>,
+    /// Relative to the function directory: `<namespace>/<function>/code/<16 hex digits>`, or
+    /// `<namespace>/<function>/layers/<16 hex digits>`.
     path: PathBuf,
+    layers: bool,
 }
 
 /// Runs the agent until the watch stream ends (it does not on its own).
@@ -78,7 +84,7 @@ pub async fn run(client: kube::Client, config: AgentConfig) {
     tokio::pin!(stream);
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Version, Result<bool, String>)>();
-    let mut needed: HashMap<String, Version> = HashMap::new();
+    let mut needed: HashMap<String, Vec<Version>> = HashMap::new();
     let mut relist: Option<HashSet<String>> = None;
     let mut fetching: HashSet<Version> = HashSet::new();
     let mut retry_at: HashMap<Version, (Instant, u32)> = HashMap::new();
@@ -111,14 +117,14 @@ pub async fn run(client: kube::Client, config: AgentConfig) {
                             if let Some(listed) = &mut relist {
                                 listed.insert(uid.clone());
                             }
-                            match version_of(&pod) {
-                                Some(Ok(version)) => {
-                                    needed.insert(uid, version);
+                            match versions_of(&pod) {
+                                Ok(versions) if versions.is_empty() => {}
+                                Ok(versions) => {
+                                    needed.insert(uid, versions);
                                 }
-                                Some(Err(message)) => tracing::warn!(
+                                Err(message) => tracing::warn!(
                                     pod = pod.metadata.name.as_deref().unwrap_or_default(),
                                     error = %message, "ignoring a runtime pod's code annotations"),
-                                None => {}
                             }
                         }
                         Ok(Event::Delete(pod)) => {
@@ -141,16 +147,17 @@ pub async fn run(client: kube::Client, config: AgentConfig) {
                 match result {
                     Ok(_) => {
                         retry_at.remove(&version);
-                        tracing::info!(version = %version.path.display(), digest = %version.digest,
-                            "code version ready");
+                        tracing::info!(version = %version.path.display(),
+                            digests = %version.digests.join(","), "code version ready");
                     }
                     Err(message) => {
                         let failures = retry_at.get(&version).map_or(0, |(_, n)| *n) + 1;
                         let delay = RETRY_BASE
                             .saturating_mul(1 << failures.saturating_sub(1).min(6))
                             .min(RETRY_MAX);
-                        tracing::error!(version = %version.path.display(), digest = %version.digest,
-                            error = %message, retry_in_s = delay.as_secs(), "cannot install code version");
+                        tracing::error!(version = %version.path.display(),
+                            digests = %version.digests.join(","), error = %message,
+                            retry_in_s = delay.as_secs(), "cannot install code version");
                         retry_at.insert(version, (Instant::now() + delay, failures));
                     }
                 }
@@ -163,7 +170,7 @@ pub async fn run(client: kube::Client, config: AgentConfig) {
         }
 
         let now = Instant::now();
-        for version in needed.values() {
+        for version in needed.values().flatten() {
             last_used.insert(version.path.clone(), now);
             let present = config.function_dir.join(&version.path).is_dir();
             let waiting = retry_at.get(version).is_some_and(|(at, _)| now < *at);
@@ -247,67 +254,121 @@ async fn status_response(
     response
 }
 
-/// Reads a pod's code version; `None` for a pod without one (a directory code source).
-fn version_of(pod: &Pod) -> Option<Result<Version, String>> {
-    let annotations = pod.metadata.annotations.as_ref()?;
-    let digest = annotations.get(ANNOTATION_CODE_SHA256)?;
-    let Some(path) = annotations.get(ANNOTATION_CODE_VERSION) else {
-        return Some(Err(format!(
-            "{ANNOTATION_CODE_SHA256} without {ANNOTATION_CODE_VERSION}"
-        )));
+/// Reads the versions a pod needs: its code version (none for a directory code source) and
+/// its layers, if it has any.
+fn versions_of(pod: &Pod) -> Result<Vec<Version>, String> {
+    let Some(annotations) = pod.metadata.annotations.as_ref() else {
+        return Ok(Vec::new());
     };
-    if !crate::code::is_sha256_hex(digest) {
-        return Some(Err(format!("invalid {ANNOTATION_CODE_SHA256} {digest:?}")));
+    let mut versions = Vec::new();
+    if let Some(digest) = annotations.get(ANNOTATION_CODE_SHA256) {
+        let Some(path) = annotations.get(ANNOTATION_CODE_VERSION) else {
+            return Err(format!(
+                "{ANNOTATION_CODE_SHA256} without {ANNOTATION_CODE_VERSION}"
+            ));
+        };
+        if !crate::code::is_sha256_hex(digest) {
+            return Err(format!("invalid {ANNOTATION_CODE_SHA256} {digest:?}"));
+        }
+        versions.push(Version {
+            digests: vec![digest.clone()],
+            path: PathBuf::from(path),
+            layers: false,
+        });
     }
-    Some(Ok(Version {
-        digest: digest.clone(),
-        path: PathBuf::from(path),
-    }))
+    if let Some(digests) = annotations.get(ANNOTATION_LAYER_SHA256S) {
+        let Some(path) = annotations.get(ANNOTATION_LAYERS_VERSION) else {
+            return Err(format!(
+                "{ANNOTATION_LAYER_SHA256S} without {ANNOTATION_LAYERS_VERSION}"
+            ));
+        };
+        let digests: Vec<String> = digests.split(',').map(str::to_owned).collect();
+        if let Some(bad) = digests.iter().find(|d| !crate::code::is_sha256_hex(d)) {
+            return Err(format!(
+                "invalid digest {bad:?} in {ANNOTATION_LAYER_SHA256S}"
+            ));
+        }
+        versions.push(Version {
+            digests,
+            path: PathBuf::from(path),
+            layers: true,
+        });
+    }
+    Ok(versions)
 }
 
-/// Fetches the package and installs it. Returns false if another fetch installed it first.
+/// Fetches the version's packages and installs them. Returns false if another fetch installed
+/// it first.
 async fn install(config: &AgentConfig, version: &Version) -> Result<bool, String> {
     let incoming = config.function_dir.join(".incoming");
     tokio::fs::create_dir_all(&incoming)
         .await
         .map_err(|e| format!("cannot create {}: {e}", incoming.display()))?;
-    let partial = incoming.join(format!(
-        "{}.{}.zip",
-        version.digest,
-        uuid::Uuid::new_v4().simple()
-    ));
-    let fetched = tokio::time::timeout(FETCH_TIMEOUT, fetch(config, version, &partial))
-        .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "download did not finish within {} s",
-                FETCH_TIMEOUT.as_secs()
-            ))
-        });
-    let result = match fetched {
+    let partials: Vec<PathBuf> = version
+        .digests
+        .iter()
+        .map(|digest| incoming.join(format!("{digest}.{}.zip", uuid::Uuid::new_v4().simple())))
+        .collect();
+    let mut result = Ok(());
+    for (digest, partial) in version.digests.iter().zip(&partials) {
+        result = tokio::time::timeout(FETCH_TIMEOUT, fetch(config, digest, partial))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "download did not finish within {} s",
+                    FETCH_TIMEOUT.as_secs()
+                ))
+            });
+        if result.is_err() {
+            break;
+        }
+    }
+    let result = match result {
         Ok(()) => {
             let (function_dir, version) = (config.function_dir.clone(), version.clone());
-            let archive = partial.clone();
+            let archives = partials.clone();
             tokio::task::spawn_blocking(move || {
-                let file = std::fs::File::open(&archive)
-                    .map_err(|e| format!("cannot open {}: {e}", archive.display()))?;
-                crate::code::install_package(file, &function_dir, &version.path, &version.digest)
+                let mut files = Vec::with_capacity(archives.len());
+                for archive in &archives {
+                    files.push(
+                        std::fs::File::open(archive)
+                            .map_err(|e| format!("cannot open {}: {e}", archive.display()))?,
+                    );
+                }
+                if version.layers {
+                    crate::code::install_layers(
+                        files,
+                        &function_dir,
+                        &version.path,
+                        &version.digests,
+                    )
+                } else {
+                    let file = files.pop().expect("a code version has one package");
+                    crate::code::install_package(
+                        file,
+                        &function_dir,
+                        &version.path,
+                        &version.digests[0],
+                    )
+                }
             })
             .await
             .map_err(|e| format!("install task failed: {e}"))?
         }
         Err(message) => Err(message),
     };
-    let _ = tokio::fs::remove_file(&partial).await;
+    for partial in &partials {
+        let _ = tokio::fs::remove_file(partial).await;
+    }
     result
 }
 
 /// Downloads `GET <control plane>/v1/packages/<digest>` into `target`.
-async fn fetch(config: &AgentConfig, version: &Version, target: &Path) -> Result<(), String> {
+async fn fetch(config: &AgentConfig, digest: &str, target: &Path) -> Result<(), String> {
     let url = format!(
         "{}/v1/packages/{}",
         config.control_plane.trim_end_matches('/'),
-        version.digest
+        digest
     );
     let uri: http::Uri = url
         .parse()
@@ -374,10 +435,10 @@ async fn fetch(config: &AgentConfig, version: &Version, target: &Path) -> Result
 /// version found on disk that no pod used since the agent started counts from the start.
 async fn remove_unused(
     config: &AgentConfig,
-    needed: &HashMap<String, Version>,
+    needed: &HashMap<String, Vec<Version>>,
     last_used: &mut HashMap<PathBuf, Instant>,
 ) {
-    let in_use: HashSet<&PathBuf> = needed.values().map(|v| &v.path).collect();
+    let in_use: HashSet<&PathBuf> = needed.values().flatten().map(|v| &v.path).collect();
     let function_dir = config.function_dir.clone();
     let found = tokio::task::spawn_blocking(move || version_dirs(&function_dir))
         .await
@@ -405,8 +466,9 @@ async fn remove_unused(
     }
 }
 
-/// Lists `<namespace>/<function>/code/<version>` directories under `function_dir`, relative to
-/// it. Staging directories (names starting with `.`) are left out.
+/// Lists `<namespace>/<function>/code/<version>` and `<namespace>/<function>/layers/<version>`
+/// directories under `function_dir`, relative to it. Staging directories (names starting with
+/// `.`) are left out.
 fn version_dirs(function_dir: &Path) -> Vec<PathBuf> {
     let children = |dir: &Path| -> Vec<PathBuf> {
         std::fs::read_dir(dir)
@@ -423,9 +485,11 @@ fn version_dirs(function_dir: &Path) -> Vec<PathBuf> {
     let mut versions = Vec::new();
     for namespace in children(function_dir) {
         for function in children(&function_dir.join(&namespace)) {
-            let code = namespace.join(&function).join("code");
-            for version in children(&function_dir.join(&code)) {
-                versions.push(code.join(version));
+            for kind in ["code", "layers"] {
+                let parent = namespace.join(&function).join(kind);
+                for version in children(&function_dir.join(&parent)) {
+                    versions.push(parent.join(version));
+                }
             }
         }
     }

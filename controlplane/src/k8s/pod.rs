@@ -26,6 +26,10 @@ pub const ANNOTATION_CODE_SHA256: &str = "fngate.io/code-sha256";
 /// Annotation with the code version's path relative to the function directory, where the node
 /// agent unpacks the package.
 pub const ANNOTATION_CODE_VERSION: &str = "fngate.io/code-version";
+/// Annotation with the SHA-256 of each of the pod's layer packages, in order, comma-separated.
+pub const ANNOTATION_LAYER_SHA256S: &str = "fngate.io/layer-sha256s";
+/// Annotation with the merged layers' path relative to the function directory.
+pub const ANNOTATION_LAYERS_VERSION: &str = "fngate.io/layers-version";
 
 /// Builds the pod for `request`.
 ///
@@ -80,6 +84,16 @@ pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Pat
                 .to_string_lossy()
                 .into_owned(),
         );
+    }
+    let layers = request.layers.as_ref().map(|layers| {
+        let version = crate::code::layers_path(&spec.namespace, &spec.name, &layers.digests);
+        (layers.digests.join(","), version)
+    });
+    if let Some((_, version)) = &layers {
+        let dir = binding.function_dir.join(version);
+        set("FNGATE_LAYER_DIR", dir.to_string_lossy().into_owned());
+    }
+    if version.is_some() || layers.is_some() {
         // Shorter than the start timeout, so the wrapper's reason (code missing) reaches the
         // waiting requests before the scaler gives up on the pod with a bare timeout.
         set(
@@ -129,6 +143,25 @@ pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Pat
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
     });
     place(&mut pod_spec, binding);
+    if let Some((_, version)) = &layers {
+        // The function's `layers` directory, created empty if missing; the agent puts the
+        // merged layers in it and the wrapper waits for them.
+        let mount = binding
+            .function_dir
+            .join(version.parent().expect("a layers path has a parent"))
+            .to_string_lossy()
+            .into_owned();
+        pod_spec["containers"][0]["volumeMounts"]
+            .as_array_mut()
+            .expect("the container has volume mounts")
+            .push(json!({"name": "layers", "mountPath": mount, "readOnly": true}));
+        pod_spec["volumes"]
+            .as_array_mut()
+            .expect("the pod has volumes")
+            .push(
+                json!({"name": "layers", "hostPath": {"path": mount, "type": "DirectoryOrCreate"}}),
+            );
+    }
 
     let mut annotations = json!({
         ANNOTATION_NAMESPACE: spec.namespace,
@@ -138,6 +171,10 @@ pub fn runtime_pod(binding: &KubeBinding, request: &StartRequest, code_dir: &Pat
     if let Some((digest, version)) = &version {
         annotations[ANNOTATION_CODE_SHA256] = json!(digest);
         annotations[ANNOTATION_CODE_VERSION] = json!(version.to_string_lossy());
+    }
+    if let Some((digests, version)) = &layers {
+        annotations[ANNOTATION_LAYER_SHA256S] = json!(digests);
+        annotations[ANNOTATION_LAYERS_VERSION] = json!(version.to_string_lossy());
     }
     let pod = json!({
         "apiVersion": "v1",
