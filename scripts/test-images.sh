@@ -34,7 +34,7 @@ mkdir -p "$context/dist"
 cp "$binaries/fngate" "$binaries/fngate-runtime" "$context/dist/"
 
 cleanup() {
-    podman "${podman_flags[@]}" rm -f "fngate-$tag" >/dev/null 2>&1 || true
+    podman "${podman_flags[@]}" rm -f "fngate-$tag" "fngate-proxy-$tag" >/dev/null 2>&1 || true
     podman "${podman_flags[@]}" rmi -f "localhost/fngate:$tag" "localhost/runtime:$tag" \
         >/dev/null 2>&1 || true
 }
@@ -63,26 +63,60 @@ if [[ $status != 2 || $output != *FNGATE_INVOKE_LISTEN* ]]; then
     exit 1
 fi
 
-# The fngate image serves: listeners on port 0 of loopback (host network), then /healthz on
-# the admin port it prints.
-podman "${podman_flags[@]}" run -d --name "fngate-$tag" "${run_flags[@]}" --network host \
-    "localhost/fngate:$tag" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
-    --api-listen 127.0.0.1:0 --function-dir /var/lib/fngate >/dev/null
-admin=""
-for _ in $(seq 1 100); do
-    admin=$(podman "${podman_flags[@]}" logs "fngate-$tag" 2>/dev/null |
-        sed -n 's|^fngate: admin listening on http://\([^ ]*\).*|\1|p' | head -n 1)
-    [[ -n $admin ]] && break
-    sleep 0.1
-done
-if [[ -z $admin ]]; then
-    echo "test-images: fngate image printed no admin address:" >&2
-    podman "${podman_flags[@]}" logs "fngate-$tag" >&2 || true
-    exit 1
-fi
-health=$(curl -fsS --max-time 5 "http://$admin/healthz")
-if [[ $health != ok* ]]; then
-    echo "test-images: /healthz of the fngate image returned '$health'" >&2
-    exit 1
-fi
-echo "test-images: fngate and runtime images built; fngate answered /healthz on $admin"
+# Starts the fngate image as container `$1` with the remaining arguments, on the host network,
+# and checks that /healthz answers on the admin address it prints (listeners on port 0 of
+# loopback). Sets `admin`.
+check_health() {
+    local name=$1
+    shift
+    podman "${podman_flags[@]}" run -d --name "$name" "${run_flags[@]}" --network host "$@" \
+        >/dev/null
+    admin=""
+    for _ in $(seq 1 100); do
+        admin=$(podman "${podman_flags[@]}" logs "$name" 2>/dev/null |
+            sed -n 's|^fngate: admin listening on http://\([^ ]*\).*|\1|p' | head -n 1)
+        [[ -n $admin ]] && break
+        sleep 0.1
+    done
+    if [[ -z $admin ]]; then
+        echo "test-images: container $name printed no admin address:" >&2
+        podman "${podman_flags[@]}" logs "$name" >&2 || true
+        exit 1
+    fi
+    local health
+    health=$(curl -fsS --max-time 5 "http://$admin/healthz")
+    if [[ $health != ok* ]]; then
+        echo "test-images: /healthz of container $name returned '$health'" >&2
+        exit 1
+    fi
+}
+
+# The control plane: fngate serve.
+check_health "fngate-$tag" "localhost/fngate:$tag" serve --listen 127.0.0.1:0 \
+    --admin-listen 127.0.0.1:0 --api-listen 127.0.0.1:0 --function-dir /var/lib/fngate
+serve_admin=$admin
+
+# A proxy replica: fngate proxy, as the proxy Deployment runs it. Its kubeconfig names a
+# server nothing listens on, so it starts and serves /healthz but never becomes ready.
+kubeconfig=$context/kubeconfig
+cat >"$kubeconfig" <<'YAML'
+apiVersion: v1
+kind: Config
+clusters:
+  - name: none
+    cluster: {server: "http://127.0.0.1:9"}
+users:
+  - name: none
+    user: {}
+contexts:
+  - name: none
+    context: {cluster: none, user: none}
+current-context: none
+YAML
+chmod 644 "$kubeconfig"
+check_health "fngate-proxy-$tag" -v "$(realpath "$kubeconfig"):/etc/fngate/kubeconfig:ro" \
+    "localhost/fngate:$tag" proxy --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+    --control-plane http://127.0.0.1:9 --namespace default --replica image-check \
+    --kubeconfig /etc/fngate/kubeconfig
+echo "test-images: fngate and runtime images built; fngate serve answered /healthz on" \
+    "$serve_admin, fngate proxy on $admin"
