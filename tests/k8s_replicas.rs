@@ -565,3 +565,31 @@ async fn unreachable_control_plane_named_in_error() {
         reply.text()
     );
 }
+
+/// Stopping fngate serve with SIGTERM lets a request running on a replica's pod finish before
+/// the pod is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_shutdown_drains_replica_pods() {
+    let dir = tempdir();
+    let code = web_function(dir.path(), "site");
+    let mut env = Env::start_sim(dir, "", &web_toml("site", &code, "timeout_ms = 10000")).await;
+    let a = ReplicaProcess::start(&env, "proxy-a").await;
+    let warm = get(a.proxy, "/web/default/site/").await;
+    assert_eq!(warm.status, 200, "{}\n{}", warm.text(), a.stderr());
+
+    let proxy = a.proxy;
+    let slow = tokio::spawn(async move { get(proxy, "/web/default/site/?ms=2000").await });
+    let labels = [("namespace", "default"), ("function", "site")];
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while metric_at(a.admin, "fngate_in_flight_requests", &labels).await != 1.0 {
+        assert!(Instant::now() < deadline, "the slow request never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let code = tokio::task::block_in_place(|| env.fngate.terminate());
+    assert_eq!(code, Some(0), "{}", env.fngate.stderr());
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, 200, "{}\n{}", slow.text(), env.fngate.stderr());
+    assert_eq!(pid_of(&slow), pid_of(&warm));
+    env.wait_pods("deleted after the drain", |pods| pods.is_empty())
+        .await;
+}

@@ -140,6 +140,12 @@ pub trait InstanceBackend: Send + Sync + 'static {
     /// Stops routing the pods of a replica that `add_replica` added.
     fn remove_replica(&self, _replica: &str) {}
 
+    /// Waits, for a bounded time, until the deletions of instances whose start was abandoned
+    /// have been sent, so a process that exits next leaves none running.
+    fn settle(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
     /// Removes what binding the namespace created outside fngate, such as its system
     /// components in the cluster. Called when the namespace is deleted, and when a change of
     /// its binding replaces this backend with another.

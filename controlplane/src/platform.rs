@@ -894,8 +894,10 @@ impl Platform {
         }
     }
 
-    /// Stops every scaler and waits until their instances are gone. Instances are stopped without
-    /// draining, so call this after the proxy drained its connections.
+    /// Stops every scaler and waits until their instances are gone. The in-process proxy's
+    /// instances are stopped without draining, so call this after the proxy drained its
+    /// connections. Proxy replicas' pods are drained, each for at most its function's timeout
+    /// plus 1 s, since the replicas keep forwarding to them.
     pub async fn shutdown(&self) {
         let _change = self.changes.lock().await;
         let tasks: Vec<JoinHandle<()>> = {
@@ -904,8 +906,15 @@ impl Platform {
             for namespace in namespaces.values_mut() {
                 namespace.replicas.clear();
                 for (_, entry) in std::mem::take(&mut namespace.functions) {
-                    for (_, lane) in entry.lanes {
-                        let _ = lane.stop.send(Stop::Now);
+                    for (replica, lane) in entry.lanes {
+                        // The replicas still forward requests to their pods, so those drain;
+                        // the in-process proxy has drained its connections already.
+                        let stop = if replica == LOCAL_REPLICA {
+                            Stop::Now
+                        } else {
+                            Stop::Drain
+                        };
+                        let _ = lane.stop.send(stop);
                         tasks.push(lane.task);
                     }
                 }
@@ -914,6 +923,15 @@ impl Platform {
         };
         for task in tasks {
             let _ = task.await;
+        }
+        let backends: Vec<Arc<dyn InstanceBackend>> = self
+            .namespaces
+            .lock()
+            .values()
+            .map(|namespace| Arc::clone(&namespace.backend))
+            .collect();
+        for backend in backends {
+            backend.settle().await;
         }
     }
 }

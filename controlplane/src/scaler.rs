@@ -545,6 +545,16 @@ impl Scaler {
 
     /// Stops everything, draining first when `drain`, and waits until all instances are gone.
     async fn shutdown(&mut self, drain: bool) {
+        if drain {
+            // A start in progress may already serve through a proxy replica, which routes its
+            // pod as soon as the pod is ready. Each is let finish and then drained below.
+            while !self.starting.is_empty() {
+                match self.events_rx.recv().await {
+                    Some(event) => self.handle(event),
+                    None => break,
+                }
+            }
+        }
         for (_, (task, memory_mb)) in self.starting.drain() {
             // Dropping the start future inside the task kills what it started.
             task.abort();

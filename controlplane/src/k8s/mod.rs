@@ -53,6 +53,8 @@ pub struct KubeBackend {
     /// Pod watchers of the proxy replicas, by replica name, each routing the replica's pods
     /// into the control plane's mirror of its table. The replica `local` uses `watcher`.
     replicas: parking_lot::Mutex<std::collections::HashMap<String, PodWatcher>>,
+    /// Deletions of pods whose start was abandoned, which [`InstanceBackend::settle`] awaits.
+    abandoned: Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 /// A binding with the system objects applied for it and the task that keeps them applied.
@@ -142,6 +144,7 @@ impl KubeBackend {
             }),
             status,
             replicas: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            abandoned: Arc::new(parking_lot::Mutex::new(Vec::new())),
         };
         Ok(backend)
     }
@@ -236,6 +239,7 @@ impl KubeBackend {
             pods: Some(self.pods.clone()),
             name: name.clone(),
             uid: uid.clone(),
+            pending: Arc::clone(&self.abandoned),
         };
         let followed = if request.replica == crate::backend::LOCAL_REPLICA {
             Some(self.watcher.pod(&uid))
@@ -318,6 +322,14 @@ impl InstanceBackend for KubeBackend {
 
     fn remove_replica(&self, replica: &str) {
         self.replicas.lock().remove(replica);
+    }
+
+    fn settle(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let pending = std::mem::take(&mut *self.abandoned.lock());
+            let all = futures_util::future::join_all(pending);
+            let _ = tokio::time::timeout(API_CALL_LIMIT, all).await;
+        })
     }
 
     fn update_binding(&self, spec: &crate::model::NamespaceSpec) -> bool {
@@ -664,6 +676,8 @@ struct DeleteOnDrop {
     pods: Option<Api<Pod>>,
     name: String,
     uid: String,
+    /// Where the deletion's task is kept, so shutdown can wait for it.
+    pending: Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Drop for DeleteOnDrop {
@@ -675,9 +689,12 @@ impl Drop for DeleteOnDrop {
             return;
         };
         let (name, uid) = (self.name.clone(), self.uid.clone());
-        runtime.spawn(async move {
+        let deletion = runtime.spawn(async move {
             delete_pod(&pods, &name, &uid, Duration::ZERO).await;
         });
+        let mut pending = self.pending.lock();
+        pending.retain(|task| !task.is_finished());
+        pending.push(deletion);
     }
 }
 
