@@ -230,13 +230,19 @@ pub fn resolve_layers(
     if !target.is_dir() {
         created = missing_dirs(&function_dir.join(namespace), parent);
         let result = fs::create_dir_all(parent)
-            .map_err(|e| format!("cannot create {}: {e}", parent.display()))
+            .map_err(|e| (None, format!("cannot create {}: {e}", parent.display())))
             .and_then(|()| unpack_layers(files, parent, &target, unzip::LIMITS));
         match result {
             Ok(renamed) => unpacked = renamed,
-            Err(message) => {
+            Err((index, message)) => {
                 remove_empty_dirs(&created);
-                return Err(code_error(&layers[0].zip_file, message));
+                return Err(match index {
+                    Some(index) => code_error(
+                        &layers[index].zip_file,
+                        format!("layers[{index}].zip_file: {message}"),
+                    ),
+                    None => PlatformError::invalid("layers", message),
+                });
             }
         }
     }
@@ -252,24 +258,55 @@ pub fn resolve_layers(
 
 /// Unpacks each layer into a staging directory of its own and merges them, in order, into one
 /// staging directory, which is renamed to `target`. Returns false if a concurrent resolve put
-/// the same layers there first.
+/// the same layers there first. An error carries the index of the layer at fault, if one is.
 fn unpack_layers(
     files: Vec<File>,
     parent: &Path,
     target: &Path,
     limits: unzip::Limits,
-) -> Result<bool, String> {
+) -> Result<bool, (Option<usize>, String)> {
     let name = target.file_name().unwrap_or_default().to_string_lossy();
-    let merged = StagingDir::create(parent, &name)?;
+    let merged = StagingDir::create(parent, &name).map_err(|e| (None, e))?;
     for (index, mut file) in files.into_iter().enumerate() {
-        let layer = StagingDir::create(parent, &format!("{name}.layer{index}"))?;
+        let at = |message: String| (Some(index), message);
+        let layer = StagingDir::create(parent, &format!("{name}.layer{index}")).map_err(at)?;
         file.seek(SeekFrom::Start(0))
-            .map_err(|e| format!("layer {index} cannot be read: {e}"))?;
-        unzip::unpack(file, layer.path(), limits).map_err(|e| format!("layer {index}: {e}"))?;
-        merge_tree(layer.path(), merged.path(), Path::new(""))
-            .map_err(|e| format!("layer {index}: {e}"))?;
+            .map_err(|e| at(format!("cannot be read: {e}")))?;
+        unzip::unpack(file, layer.path(), limits).map_err(at)?;
+        merge_tree(layer.path(), merged.path(), Path::new("")).map_err(at)?;
     }
-    merged.commit(target)
+    // Each layer's symlinks stay inside that layer, but a symlink of one layer may lead through
+    // another layer's symlink out of the merged tree, so they are checked again together.
+    let mut links = Vec::new();
+    collect_symlinks(merged.path(), Path::new(""), &mut links).map_err(|e| (None, e))?;
+    let paths: std::collections::HashSet<&Path> =
+        links.iter().map(|(path, _)| path.as_path()).collect();
+    for (path, target) in &links {
+        unzip::check_symlink(&paths, path, target)
+            .map_err(|e| (None, format!("merged layers: {e}")))?;
+    }
+    merged.commit(target).map_err(|e| (None, e))
+}
+
+/// Lists the symlinks under `root` at `relative`, with their targets, relative to `root`.
+fn collect_symlinks(
+    root: &Path,
+    relative: &Path,
+    links: &mut Vec<(PathBuf, String)>,
+) -> Result<(), String> {
+    let read = |e: io::Error| format!("{} cannot be read: {e}", quoted(relative));
+    for entry in fs::read_dir(root.join(relative)).map_err(read)? {
+        let entry = entry.map_err(read)?;
+        let path = relative.join(entry.file_name());
+        let kind = entry.file_type().map_err(read)?;
+        if kind.is_symlink() {
+            let target = fs::read_link(root.join(&path)).map_err(read)?;
+            links.push((path, target.to_string_lossy().into_owned()));
+        } else if kind.is_dir() {
+            collect_symlinks(root, &path, links)?;
+        }
+    }
+    Ok(())
 }
 
 /// Copies the tree under `from` into `into` at `relative`, replacing files and symlinks of the
@@ -485,7 +522,12 @@ pub fn install_layers(
     }
     let parent = target.parent().expect("a layers path has a parent");
     fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    unpack_layers(archives, parent, &target, unzip::LIMITS)
+    unpack_layers(archives, parent, &target, unzip::LIMITS).map_err(
+        |(index, message)| match index {
+            Some(index) => format!("layer {index}: {message}"),
+            None => message,
+        },
+    )
 }
 
 /// Unpacks the archive into a staging directory in `versions` and renames it to `target`.

@@ -657,7 +657,7 @@ fn layer_type_conflicts_rejected() {
         "hello",
     ));
     assert!(message.contains("\"lib\""), "{message}");
-    assert!(message.contains("layer 1"), "{message}");
+    assert!(message.contains("layers[1].zip_file"), "{message}");
     assert!(!function_dir.join("etc").exists());
     let message = code_message(resolve_layers(
         &layers(&[&link, &file]),
@@ -702,4 +702,37 @@ fn install_layers_checks_digests_and_path() {
         "second"
     );
     assert!(!install_layers(open(), &node, &version, &digests).unwrap());
+}
+
+/// Symlinks of two layers that each stay inside their own layer cannot together lead out of
+/// the merged directory.
+#[test]
+fn layer_symlinks_checked_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = tmp.path().join("first.zip");
+    write_zip(
+        &first,
+        &[Entry::Dir("a/b/"), Entry::Symlink("a/b/up", "../..")],
+    );
+    let second = tmp.path().join("second.zip");
+    write_zip(
+        &second,
+        &[Entry::Dir("a/"), Entry::Symlink("escape", "a/b/up/..")],
+    );
+    let function_dir = tmp.path().join("data");
+    let message = match resolve_layers(
+        &layers(&[&first, &second]),
+        &function_dir,
+        "default",
+        "hello",
+    ) {
+        Err(PlatformError::Invalid { field, message }) => {
+            assert_eq!(field, "layers");
+            message
+        }
+        other => panic!("expected an Invalid error, got {other:?}"),
+    };
+    assert!(message.contains("\"escape\""), "{message}");
+    assert!(message.contains("merged layers"), "{message}");
+    assert!(!function_dir.join("default/hello/layers").exists());
 }

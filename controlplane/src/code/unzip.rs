@@ -302,7 +302,11 @@ fn create_symlinks(root: &Path, symlinks: &[(PathBuf, String)]) -> Result<(), St
 /// Checks that a symlink's target, read from the link's directory, stays inside the root. The
 /// check is lexical, which is exact only on real directories. So neither the link's own path nor
 /// its target may pass through another of the archive's symlinks, though a target may name one.
-fn check_symlink(links: &HashSet<&Path>, relative: &Path, target: &str) -> Result<(), String> {
+pub(super) fn check_symlink(
+    links: &HashSet<&Path>,
+    relative: &Path,
+    target: &str,
+) -> Result<(), String> {
     let link = quoted(relative);
     if target.is_empty() {
         return Err(format!("symlink {link} has an empty target"));
