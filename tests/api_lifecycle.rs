@@ -245,3 +245,38 @@ async fn layers_merged_for_instances() {
         "a rejected update changed the function"
     );
 }
+
+/// An update that replaces the instances and shortens the timeout lets a request that started
+/// under the longer timeout finish on the old instance.
+#[tokio::test]
+async fn shorter_timeout_update_drains_with_the_old_timeout() {
+    let fngate = Fngate::start(tempdir(), "");
+    let code = web_function(fngate.dir.path(), "site");
+    let created = put_json(&fngate, "/v1/namespaces/shop", "{}").await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let spec = |timeout_ms: u64, version: &str| {
+        format!(
+            r#"{{"kind": "web", "code": {{"directory": "{}"}}, "timeout_ms": {timeout_ms}, "env": {{"VERSION": "{version}"}}}}"#,
+            code.dir.display()
+        )
+    };
+    let path = "/v1/namespaces/shop/functions/site";
+    let created = put_json(&fngate, path, &spec(20_000, "1")).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let warm = get(fngate.proxy, "/web/shop/site/").await;
+    assert_eq!(warm.status, 200, "{}", warm.text());
+
+    let proxy = fngate.proxy;
+    let slow = tokio::spawn(async move { get(proxy, "/web/shop/site/?ms=2000").await });
+    fngate
+        .wait_for_metric(
+            "fngate_in_flight_requests",
+            &[("namespace", "shop"), ("function", "site")],
+            |v| v == 1.0,
+        )
+        .await;
+    let updated = put_json(&fngate, path, &spec(100, "2")).await;
+    assert_eq!(updated.status, 200, "{}", updated.text());
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, 200, "{}\n{}", slow.text(), fngate.stderr());
+}

@@ -103,6 +103,9 @@ struct Managed {
     exit_watch: Option<oneshot::Sender<()>>,
     generation: u64,
     memory_mb: u64,
+    /// The longest execution timeout of the versions this instance served, which bounds how
+    /// long a request on it may still run when it is drained.
+    timeout: Duration,
 }
 
 struct Scaler {
@@ -309,7 +312,8 @@ impl Scaler {
         };
         self.stopping
             .insert(id, (label, Arc::clone(&managed.instance)));
-        let drain_grace = self.resolved().spec.timeout() + Duration::from_secs(1);
+        let drain_grace =
+            managed.timeout.max(self.resolved().spec.timeout()) + Duration::from_secs(1);
         let events = self.events_tx.clone();
         // A replica's pod is idle only once the replica reports it stopped routing there.
         let mirror = self.parts.replica != crate::backend::LOCAL_REPLICA;
@@ -338,6 +342,10 @@ impl Scaler {
 
     /// Drains every instance started from an older generation of the function.
     fn replace_outdated(&mut self) {
+        let timeout = self.resolved().spec.timeout();
+        for managed in self.ready.values_mut() {
+            managed.timeout = managed.timeout.max(timeout);
+        }
         let generation = self.resolved().generation;
         let outdated: Vec<u64> = self
             .ready
@@ -421,6 +429,7 @@ impl Scaler {
             exit_watch: Some(exit_watch),
             generation,
             memory_mb,
+            timeout: resolved.spec.timeout(),
         };
         self.ready.insert(id, managed);
         self.failures = 0;
