@@ -15,7 +15,7 @@ use std::time::Duration;
 use fngate_proxy::replica::protocol::{
     FunctionNotice, Report, ReportResponse, RouteEntry, Routes, StartFailureNotice,
 };
-use fngate_proxy::replica::{EXPIRY, ROUTES_POLL_LIMIT};
+use fngate_proxy::replica::{EXPIRY, REPORT_INTERVAL, ROUTES_POLL_LIMIT};
 use fngate_proxy::{
     Demand, Function, FunctionKey, FunctionKind, FunctionSettings, Instance, Router,
 };
@@ -841,12 +841,15 @@ impl Platform {
                 in_flight: load.in_flight,
                 queued: load.queued,
             }));
+            // A failure whose back-off (at first 0.5 s) ended since the replica's last report
+            // still has to reach the requests waiting there.
             let start_failure = pool
                 .start_failure()
-                .filter(|failure| failure.retry_at > now)
+                .filter(|failure| failure.retry_at + 2 * REPORT_INTERVAL > now)
                 .map(|failure| StartFailureNotice {
                     reason: failure.reason,
-                    retry_in_ms: millis(failure.retry_at - now),
+                    retry_in_ms: millis(failure.retry_at.saturating_duration_since(now)),
+                    id: failure.id,
                 });
             let capacity_note = pool.capacity_note();
             if start_failure.is_some() || capacity_note.is_some() {

@@ -55,6 +55,8 @@ pub enum AcquireError {
 pub struct StartFailure {
     pub reason: String,
     pub retry_at: Instant,
+    /// Tells this failure apart from later ones with the same reason; unique in the process.
+    pub id: u64,
 }
 
 /// Current load of a function, as the scaler reads it.
@@ -475,7 +477,9 @@ impl Pool {
     /// Records a failed start. While no instance is routable, queued requests fail with the
     /// reason, and new ones fail at once until `retry_at`.
     pub fn record_start_failure(&self, reason: String, retry_at: Instant) {
+        static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
         self.start_failure.store(Some(Arc::new(StartFailure {
+            id: NEXT_ID.fetch_add(1, SeqCst) as u64,
             reason: reason.clone(),
             retry_at,
         })));

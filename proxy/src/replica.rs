@@ -381,8 +381,8 @@ struct ReportTracker {
     /// Per function, the instances taken out of routing that still had requests in flight at
     /// the last report. They are reported until those finish, so that draining waits for them.
     unrouted: HashMap<FunctionKey, HashMap<u64, Arc<Instance>>>,
-    /// Per function, the end of the back-off of the start failure applied last.
-    failures: HashMap<FunctionKey, Instant>,
+    /// Per function, the id of the start failure applied last.
+    failures: HashMap<FunctionKey, u64>,
 }
 
 impl ReportTracker {
@@ -448,11 +448,10 @@ impl ReportTracker {
                 continue;
             };
             let retry_at = now + Duration::from_millis(failure.retry_in_ms);
-            // The same failure comes back in every response until its back-off ends; a later
-            // end means a new failure.
-            let known = self.failures.get(&function.key);
-            if known.is_none_or(|known| retry_at > *known + Duration::from_millis(500)) {
-                self.failures.insert(function.key.clone(), retry_at);
+            // The same failure comes back in responses for a while; each is applied once, so
+            // requests that queued after it wait for the next start.
+            if self.failures.get(&function.key) != Some(&failure.id) {
+                self.failures.insert(function.key.clone(), failure.id);
                 function.pool.record_start_failure(failure.reason, retry_at);
             }
         }
@@ -461,7 +460,6 @@ impl ReportTracker {
                 function.pool.set_capacity_note(None);
             }
         }
-        self.failures.retain(|_, retry_at| *retry_at > now);
     }
 }
 
@@ -645,6 +643,7 @@ mod tests {
                 start_failure: Some(protocol::StartFailureNotice {
                     reason: "image not pullable".into(),
                     retry_in_ms,
+                    id: 7,
                 }),
                 capacity_note: Some("quota in use".into()),
             }],

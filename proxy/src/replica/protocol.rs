@@ -138,8 +138,11 @@ pub struct FunctionNotice {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartFailureNotice {
     pub reason: String,
-    /// Time until the scaler tries again.
+    /// Time until the scaler tries again; zero once that time has come.
     pub retry_in_ms: u64,
+    /// Tells this failure apart from later ones, so a replica applies each once.
+    #[serde(default)]
+    pub id: u64,
 }
 
 fn millis(duration: Duration) -> u64 {
