@@ -384,12 +384,20 @@ pub fn version_path(namespace: &str, function: &str, digest: &str) -> PathBuf {
         .join(&digest[..VERSION_HEX_LEN])
 }
 
-/// Copies the archive to its content-addressed place unless a copy is there already. Written
-/// to a temporary name and renamed, so a reader never sees a partial package.
+/// Copies the archive to its content-addressed place unless an intact copy is there already.
+/// A stored copy whose content no longer matches its name is replaced, so deploying the
+/// archive again repairs it. Written to a temporary name and renamed, so a reader never sees a
+/// partial package.
 fn store_package(file: &mut File, function_dir: &Path, digest: &str) -> Result<(), String> {
     let path = package_path(function_dir, digest);
     if path.is_file() {
-        return Ok(());
+        let stored = File::open(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|mut stored| sha256_hex(&mut stored));
+        if stored.as_deref() == Ok(digest) {
+            return Ok(());
+        }
+        tracing::warn!(path = %path.display(), "stored package does not match its digest; replacing it");
     }
     let dir = path.parent().expect("a package path has a parent");
     fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

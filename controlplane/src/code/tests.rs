@@ -736,3 +736,28 @@ fn layer_symlinks_checked_together() {
     assert!(message.contains("merged layers"), "{message}");
     assert!(!function_dir.join("default/hello/layers").exists());
 }
+
+/// A stored package whose bytes changed is replaced by the next resolve of its archive.
+#[test]
+fn corrupted_stored_package_repaired() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("app.zip");
+    write_zip(
+        &archive,
+        &[Entry::File("scf_bootstrap", 0o755, b"#!/bin/sh\n")],
+    );
+    let function_dir = tmp.path().join("functions");
+    let source = CodeSource::ZipFile(archive.clone());
+    let digest = resolve(&source, &function_dir, "default", "hello")
+        .unwrap()
+        .digest
+        .unwrap();
+    let stored = package_path(&function_dir, &digest);
+    let original = fs::read(&stored).unwrap();
+    let mut corrupt = original.clone();
+    corrupt[10] ^= 0xff;
+    fs::write(&stored, &corrupt).unwrap();
+
+    let _ = resolve(&source, &function_dir, "default", "hello").unwrap();
+    assert_eq!(fs::read(&stored).unwrap(), original);
+}
