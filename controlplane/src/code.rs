@@ -49,6 +49,8 @@ pub struct CodeDir {
     created: Vec<PathBuf>,
     /// Whether this resolve unpacked `path` itself, rather than reusing an unpacked version.
     unpacked: bool,
+    /// The package this resolve stored, if it was not stored before.
+    package: Option<PathBuf>,
 }
 
 impl CodeDir {
@@ -62,6 +64,16 @@ impl CodeDir {
             }
         }
         remove_empty_dirs(&self.created);
+        remove_packages(self.package.as_slice());
+    }
+}
+
+/// Removes packages that a rejected resolve stored, so they are not served.
+fn remove_packages(packages: &[PathBuf]) {
+    for package in packages {
+        if let Err(e) = fs::remove_file(package) {
+            tracing::warn!(path = %package.display(), error = %e, "failed to remove a rejected package");
+        }
     }
 }
 
@@ -78,6 +90,7 @@ pub fn resolve(
             digest: None,
             created: Vec::new(),
             unpacked: false,
+            package: None,
         }),
         CodeSource::ZipFile(archive) => {
             resolve_zip(archive, function_dir, namespace, function, unzip::LIMITS)
@@ -123,7 +136,7 @@ fn resolve_zip(
         _ => code_error(archive_path, format!("cannot be opened: {e}")),
     })?;
     let digest = sha256_hex(&mut file).map_err(|e| code_error(archive_path, e.to_string()))?;
-    store_package(&mut file, function_dir, &digest)
+    let package = store_package(&mut file, function_dir, &digest)
         .map_err(|message| code_error(archive_path, message))?;
 
     let namespace_dir = function_dir.join(namespace);
@@ -140,6 +153,7 @@ fn resolve_zip(
             Ok(renamed) => unpacked = renamed,
             Err(message) => {
                 remove_empty_dirs(&created);
+                remove_packages(package.as_slice());
                 return Err(code_error(archive_path, message));
             }
         }
@@ -152,6 +166,7 @@ fn resolve_zip(
         digest: Some(digest),
         created,
         unpacked,
+        package,
     })
 }
 
@@ -165,6 +180,8 @@ pub struct LayerDir {
     pub digests: Vec<String>,
     created: Vec<PathBuf>,
     unpacked: bool,
+    /// The packages this resolve stored, which were not stored before.
+    packages: Vec<PathBuf>,
 }
 
 impl LayerDir {
@@ -176,6 +193,7 @@ impl LayerDir {
             }
         }
         remove_empty_dirs(&self.created);
+        remove_packages(&self.packages);
     }
 }
 
@@ -207,19 +225,33 @@ pub fn resolve_layers(
     check_path_component(function)?;
     let mut files = Vec::with_capacity(layers.len());
     let mut digests = Vec::with_capacity(layers.len());
+    let mut packages = Vec::new();
     for (index, layer) in layers.iter().enumerate() {
         let path = &layer.zip_file;
-        let mut file = File::open(path).map_err(|e| match e.kind() {
+        let opened = File::open(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => code_error(
                 path,
                 format!("zip file not found; check layers[{index}].zip_file"),
             ),
             _ => code_error(path, format!("cannot be opened: {e}")),
-        })?;
-        let digest = sha256_hex(&mut file).map_err(|e| code_error(path, e))?;
-        store_package(&mut file, function_dir, &digest).map_err(|e| code_error(path, e))?;
-        files.push(file);
-        digests.push(digest);
+        });
+        let stored = opened.and_then(|mut file| {
+            let digest = sha256_hex(&mut file).map_err(|e| code_error(path, e))?;
+            let package =
+                store_package(&mut file, function_dir, &digest).map_err(|e| code_error(path, e))?;
+            Ok((file, digest, package))
+        });
+        match stored {
+            Ok((file, digest, package)) => {
+                files.push(file);
+                digests.push(digest);
+                packages.extend(package);
+            }
+            Err(error) => {
+                remove_packages(&packages);
+                return Err(error);
+            }
+        }
     }
 
     let version = layers_path(namespace, function, &digests);
@@ -236,6 +268,7 @@ pub fn resolve_layers(
             Ok(renamed) => unpacked = renamed,
             Err((index, message)) => {
                 remove_empty_dirs(&created);
+                remove_packages(&packages);
                 return Err(match index {
                     Some(index) => code_error(
                         &layers[index].zip_file,
@@ -253,6 +286,7 @@ pub fn resolve_layers(
         digests,
         created,
         unpacked,
+        packages,
     }))
 }
 
@@ -388,14 +422,19 @@ pub fn version_path(namespace: &str, function: &str, digest: &str) -> PathBuf {
 /// A stored copy whose content no longer matches its name is replaced, so deploying the
 /// archive again repairs it. Written to a temporary name and renamed, so a reader never sees a
 /// partial package.
-fn store_package(file: &mut File, function_dir: &Path, digest: &str) -> Result<(), String> {
+/// Returns the path of the package when this call stored it and no intact copy was there.
+fn store_package(
+    file: &mut File,
+    function_dir: &Path,
+    digest: &str,
+) -> Result<Option<PathBuf>, String> {
     let path = package_path(function_dir, digest);
     if path.is_file() {
         let stored = File::open(&path)
             .map_err(|e| e.to_string())
             .and_then(|mut stored| sha256_hex(&mut stored));
         if stored.as_deref() == Ok(digest) {
-            return Ok(());
+            return Ok(None);
         }
         tracing::warn!(path = %path.display(), "stored package does not match its digest; replacing it");
     }
@@ -421,7 +460,7 @@ fn store_package(file: &mut File, function_dir: &Path, digest: &str) -> Result<(
             path.display()
         ));
     }
-    Ok(())
+    Ok(Some(path))
 }
 
 /// Unpacks a fetched package into `<function_dir>/<version>`, checking its SHA-256 against

@@ -264,6 +264,10 @@ fn rejected_zip_leaves_no_directories() {
         !function_dir.join("default").exists(),
         "namespace directory created for the rejected archive is removed"
     );
+    let packages: Vec<_> = fs::read_dir(function_dir.join("packages"))
+        .unwrap()
+        .collect();
+    assert!(packages.is_empty(), "rejected package kept: {packages:?}");
 
     // Directories that held a version before are kept.
     let good = tmp.path().join("good.zip");
@@ -668,6 +672,10 @@ fn layer_type_conflicts_rejected() {
     assert!(message.contains("\"etc\""), "{message}");
     let layer_dirs = function_dir.join("default/hello/layers");
     assert!(!layer_dirs.exists(), "left behind: {layer_dirs:?}");
+    let packages: Vec<_> = fs::read_dir(function_dir.join("packages"))
+        .unwrap()
+        .collect();
+    assert!(packages.is_empty(), "rejected packages kept: {packages:?}");
 }
 
 /// The agent's side: layer packages are unpacked only at the path their digests name, and
