@@ -258,8 +258,13 @@ impl RoutesState {
                 // A new owner is a restarted control plane, which marks the previous one's
                 // pods draining and deletes them after their function's timeout. Requests in
                 // flight on them finish; new ones wait for new pods.
-                tracing::info!(previous = %previous, owner = %routes.owner,
-                    "control plane restarted; routing only the pods it owns");
+                if previous == routes.owner {
+                    tracing::info!(k8s_namespace = %kube_namespace,
+                        "the binding's k8s namespace changed; watching the new one");
+                } else {
+                    tracing::info!(previous = %previous, owner = %routes.owner,
+                        "control plane restarted; routing only the pods it owns");
+                }
                 for function in self.router.table().functions() {
                     for instance in function.pool.instances().iter() {
                         function
