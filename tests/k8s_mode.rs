@@ -1750,11 +1750,9 @@ async fn missing_code_directory_reports_the_mount_failure() {
     assert!(message.contains("MountVolume.SetUp failed"), "{message}");
 }
 
-/// The installed proxy Deployment serves: each of its pods, running `fngate proxy`, routes a
-/// request to a runtime pod labelled with its own name, which the agent delivered code for,
-/// and reuses that pod for the next request.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn installed_proxy_pods_serve_requests() {
+/// Starts fngate bound to kubesim with the system components installed, two proxy replicas
+/// and a zip-packaged web function `site` with `extra` lines, and waits for Normal.
+async fn installed_replicas_env(extra: &str) -> Env {
     let dir = tempdir();
     let code = web_function(dir.path(), "src");
     let package = dir.path().join("site.zip");
@@ -1764,12 +1762,21 @@ async fn installed_proxy_pods_serve_requests() {
         agent_binding(&dir.path().join("kubeconfig"), &dir.path().join("node"))
     );
     let functions = format!(
-        "[[function]]\nnamespace = \"default\"\nname = \"site\"\nkind = \"web\"\ncode = {{ zip_file = \"{}\" }}\n",
+        "[[function]]\nnamespace = \"default\"\nname = \"site\"\nkind = \"web\"\n{extra}\ncode = {{ zip_file = \"{}\" }}\n",
         package.display()
     );
     let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, fngate_image())];
     let env = Env::start(Target::Sim { nodes }, dir, &binding, &functions).await;
     wait_phase(&env, "Normal").await;
+    env
+}
+
+/// The installed proxy Deployment serves: each of its pods, running `fngate proxy`, routes a
+/// request to a runtime pod labelled with its own name, which the agent delivered code for,
+/// and reuses that pod for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installed_proxy_pods_serve_requests() {
+    let env = installed_replicas_env("").await;
 
     let proxies: Vec<(String, std::net::SocketAddr)> = env
         .sim()
@@ -1818,21 +1825,7 @@ async fn installed_proxy_pods_serve_requests() {
 /// and none for the proxy inside fngate serve, which the binding's clients do not use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_instances_warm_per_installed_replica() {
-    let dir = tempdir();
-    let code = web_function(dir.path(), "src");
-    let package = dir.path().join("site.zip");
-    zip_function(&code, &package);
-    let binding = format!(
-        "{}\nproxy_replicas = 2",
-        agent_binding(&dir.path().join("kubeconfig"), &dir.path().join("node"))
-    );
-    let functions = format!(
-        "[[function]]\nnamespace = \"default\"\nname = \"site\"\nkind = \"web\"\nmin_instances = 1\ncode = {{ zip_file = \"{}\" }}\n",
-        package.display()
-    );
-    let nodes = vec![function_node("node-1").image(FNGATE_IMAGE, fngate_image())];
-    let env = Env::start(Target::Sim { nodes }, dir, &binding, &functions).await;
-    wait_phase(&env, "Normal").await;
+    let env = installed_replicas_env("min_instances = 1").await;
 
     // The local scaler started with the function, before the replicas joined, so a local
     // minimum pod would exist by the time both replicas' pods do.

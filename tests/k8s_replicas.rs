@@ -452,16 +452,8 @@ async fn replica_survives_control_plane_restart() {
     assert_eq!(first.status, 200, "{}\n{}", first.text(), a.stderr());
     let earlier_pod = name_of(&env.runtime_pods().await[0]);
 
-    let pid = env.fngate.pid() as i32;
-    assert!(signal(pid, libc::SIGKILL));
+    kill_control_plane(&env).await;
     let deadline = Instant::now() + WAIT_LIMIT;
-    while process_alive(pid) {
-        // Reaps the killed child, which otherwise stays a zombie.
-        // SAFETY: waitpid only writes the status integer.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-        assert!(Instant::now() < deadline, "fngate survived SIGKILL");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let during = get(a.proxy, "/web/default/site/").await;
     assert_eq!(during.status, 200, "{}\n{}", during.text(), a.stderr());
     assert_eq!(pid_of(&during), pid_of(&first), "the warm pod was not used");
@@ -548,15 +540,7 @@ async fn unreachable_control_plane_named_in_error() {
     let env = Env::start_sim(dir, "", &web_toml("site", &code, "queue_budget_ms = 1000")).await;
     let a = ReplicaProcess::start(&env, "proxy-a").await;
 
-    let pid = env.fngate.pid() as i32;
-    assert!(signal(pid, libc::SIGKILL));
-    let deadline = Instant::now() + WAIT_LIMIT;
-    while process_alive(pid) {
-        // SAFETY: waitpid only writes the status integer.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-        assert!(Instant::now() < deadline, "fngate survived SIGKILL");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    kill_control_plane(&env).await;
     let reply = get(a.proxy, "/web/default/site/").await;
     assert_eq!(reply.status, 503, "{}", reply.text());
     assert!(
@@ -592,4 +576,18 @@ async fn serve_shutdown_drains_replica_pods() {
     assert_eq!(pid_of(&slow), pid_of(&warm));
     env.wait_pods("deleted after the drain", |pods| pods.is_empty())
         .await;
+}
+
+/// Kills `env`'s fngate serve with SIGKILL and waits until it is gone, reaping it.
+async fn kill_control_plane(env: &Env) {
+    let pid = env.fngate.pid() as i32;
+    assert!(signal(pid, libc::SIGKILL));
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while process_alive(pid) {
+        // Reaps the killed child, which otherwise stays a zombie.
+        // SAFETY: waitpid only writes the status integer.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        assert!(Instant::now() < deadline, "fngate survived SIGKILL");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
