@@ -68,6 +68,19 @@ impl CodeDir {
     }
 }
 
+/// Rejects a zip path that names something other than a regular file (after symlinks), such
+/// as a FIFO, whose open or read could block the request forever. A missing path is left to
+/// the open, which names it.
+fn check_regular_file(path: &Path, field: &str) -> Result<(), PlatformError> {
+    match fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => Err(code_error(
+            path,
+            format!("is not a regular file; check {field}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Removes packages that a rejected resolve stored, so they are not served.
 fn remove_packages(packages: &[PathBuf]) {
     for package in packages {
@@ -129,6 +142,7 @@ fn resolve_zip(
 ) -> Result<CodeDir, PlatformError> {
     check_path_component(namespace)?;
     check_path_component(function)?;
+    check_regular_file(archive_path, "code.zip_file")?;
     let mut file = File::open(archive_path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => {
             code_error(archive_path, "zip file not found; check code.zip_file")
@@ -228,13 +242,16 @@ pub fn resolve_layers(
     let mut packages = Vec::new();
     for (index, layer) in layers.iter().enumerate() {
         let path = &layer.zip_file;
-        let opened = File::open(path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => code_error(
-                path,
-                format!("zip file not found; check layers[{index}].zip_file"),
-            ),
-            _ => code_error(path, format!("cannot be opened: {e}")),
-        });
+        let opened =
+            check_regular_file(path, &format!("layers[{index}].zip_file")).and_then(|()| {
+                File::open(path).map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => code_error(
+                        path,
+                        format!("zip file not found; check layers[{index}].zip_file"),
+                    ),
+                    _ => code_error(path, format!("cannot be opened: {e}")),
+                })
+            });
         let stored = opened.and_then(|mut file| {
             let digest = sha256_hex(&mut file).map_err(|e| code_error(path, e))?;
             let package =

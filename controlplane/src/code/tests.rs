@@ -769,3 +769,23 @@ fn corrupted_stored_package_repaired() {
     let _ = resolve(&source, &function_dir, "default", "hello").unwrap();
     assert_eq!(fs::read(&stored).unwrap(), original);
 }
+
+/// A FIFO or a directory given as a zip file is rejected at once instead of blocking the read.
+#[test]
+fn zip_path_must_be_regular_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("fifo.zip");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo only reads the NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+    let function_dir = tmp.path().join("functions");
+    let message = code_message(resolve_zip_file(&fifo, &function_dir));
+    assert!(message.contains("not a regular file"), "{message}");
+    let message = code_message(resolve_layers(
+        &layers(&[tmp.path()]),
+        &function_dir,
+        "default",
+        "hello",
+    ));
+    assert!(message.contains("layers[0].zip_file"), "{message}");
+}
