@@ -64,7 +64,7 @@ if [[ $status != 2 || $output != *FNGATE_INVOKE_LISTEN* ]]; then
 fi
 
 # Starts the fngate image as container `$1` with the remaining arguments, on the host network,
-# and checks that /healthz answers on the admin address it prints (listeners on port 0 of
+# and checks that /healthz returns ok on the admin address it prints (listeners on port 0 of
 # loopback). Sets `admin`.
 check_health() {
     local name=$1

@@ -194,7 +194,8 @@ fn init_tracing(filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The number of proxy worker threads for `--proxy-threads`, where 0 means one per CPU.
+/// Returns the number of proxy worker threads for `--proxy-threads`, where 0 means one per
+/// CPU.
 fn proxy_threads(flag: u16) -> usize {
     match usize::from(flag) {
         0 => std::thread::available_parallelism()

@@ -769,7 +769,7 @@ fn fngate_image() -> Image {
 
 /// Returns an fngate image whose `proxy` subcommand is a stand-in
 /// (tests/fixtures/fngate-entrypoint.py): it checks the Deployment's arguments, reports them
-/// on `/healthz`, and answers `/readyz` with 200 only once the test created a file. Every
+/// on `/healthz`, and returns 200 on `/readyz` only once the test created a file. Every
 /// other subcommand runs the fngate binary.
 fn stand_in_proxy_image() -> Image {
     let entrypoint = concat!(

@@ -437,10 +437,9 @@ impl Relay {
     }
 }
 
-/// A replica outlives a control plane restart: while the control plane is down it serves from
-/// its warm pod, a request on that pod finishes after the new control plane started, and
-/// afterwards the replica routes only pods of the new control plane, which deletes the earlier
-/// ones.
+/// A replica outlives a control plane restart. While the control plane is down it serves from
+/// its warm pod, and a request on that pod finishes after the new control plane started.
+/// Afterwards it routes only the new control plane's pods, and the earlier pod is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_survives_control_plane_restart() {
     let dir = tempdir();
@@ -489,8 +488,8 @@ async fn replica_survives_control_plane_restart() {
     assert_eq!(replicas_of(&env.runtime_pods().await), ["proxy-a"]);
 }
 
-/// A replica name in use by a running process is rejected for another process (told apart by
-/// their session headers) with 409, while the first keeps its name.
+/// A replica name in use by a running process is rejected with 409 for another process, which
+/// the session header identifies, while the first keeps its name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_replica_name_rejected() {
     let dir = tempdir();
@@ -514,7 +513,7 @@ async fn duplicate_replica_name_rejected() {
 }
 
 /// A replica started with the wrong --kube-namespace watches the binding's k8s namespace,
-/// where its pods are, says so, and serves.
+/// where its pods are, logs a warning, and serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_kube_namespace_follows_binding() {
     let dir = tempdir();

@@ -58,14 +58,25 @@ impl CodeDir {
     /// are empty. For code rejected after it was resolved. A version that an earlier resolve
     /// unpacked is kept, because a running function may use it.
     pub fn discard(self) {
-        if self.unpacked {
-            if let Err(e) = fs::remove_dir_all(&self.path) {
-                tracing::warn!(path = %self.path.display(), error = %e, "failed to remove rejected code version");
-            }
-        }
-        remove_empty_dirs(&self.created);
-        remove_packages(self.package.as_slice());
+        remove_rejected(
+            &self.path,
+            self.unpacked,
+            &self.created,
+            self.package.as_slice(),
+        );
     }
+}
+
+/// Removes what a rejected resolve created: the directory at `path` if it unpacked it, the
+/// directories it created if they are empty, and the packages it stored.
+fn remove_rejected(path: &Path, unpacked: bool, created: &[PathBuf], packages: &[PathBuf]) {
+    if unpacked {
+        if let Err(e) = fs::remove_dir_all(path) {
+            tracing::warn!(path = %path.display(), error = %e, "failed to remove a rejected version");
+        }
+    }
+    remove_empty_dirs(created);
+    remove_packages(packages);
 }
 
 /// Rejects a zip path that names something other than a regular file (after symlinks), such
@@ -201,13 +212,7 @@ pub struct LayerDir {
 impl LayerDir {
     /// Removes the merged directory this resolve created, as [`CodeDir::discard`] does.
     pub fn discard(self) {
-        if self.unpacked {
-            if let Err(e) = fs::remove_dir_all(&self.path) {
-                tracing::warn!(path = %self.path.display(), error = %e, "failed to remove rejected layers");
-            }
-        }
-        remove_empty_dirs(&self.created);
-        remove_packages(&self.packages);
+        remove_rejected(&self.path, self.unpacked, &self.created, &self.packages);
     }
 }
 

@@ -130,7 +130,8 @@ struct NamespaceEntry {
     local_keeps_minimum: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Whether the in-process proxy's lanes of a namespace keep the functions' minimum warm.
+/// Returns whether the in-process proxy's lanes of a namespace keep the functions' minimum
+/// warm.
 fn local_keeps_minimum(spec: &NamespaceSpec) -> bool {
     !spec
         .kubernetes
@@ -685,7 +686,7 @@ impl Platform {
     /// pods it may route. A replica seen for the first time joins: it gets a mirror table, a
     /// pod watcher for its pods, and a lane for each function.
     ///
-    /// `session` tells processes apart: a name in use by another session is rejected until
+    /// `session` identifies the process. A name in use by another session is rejected until
     /// that session expires, because two proxies routing the same pods would overfill their
     /// slots.
     fn touch_replica(

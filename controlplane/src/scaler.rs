@@ -103,7 +103,7 @@ struct Managed {
     exit_watch: Option<oneshot::Sender<()>>,
     generation: u64,
     memory_mb: u64,
-    /// The longest execution timeout of the versions this instance served, which bounds how
+    /// The maximum execution timeout of the versions this instance served, which bounds how
     /// long a request on it may still run when it is drained.
     timeout: Duration,
 }
@@ -169,7 +169,7 @@ impl Scaler {
         self.parts.resolved.borrow().clone()
     }
 
-    /// The minimum this lane keeps: the function's `min_instances`, or none.
+    /// Returns the minimum this lane keeps: the function's `min_instances`, or zero.
     fn min_instances(&self, spec: &FunctionSpec) -> u32 {
         if self.parts.keeps_minimum.load(SeqCst) {
             spec.min_instances

@@ -358,7 +358,7 @@ async fn report_loop(
                         no new instances start for this replica until it responds");
                     failing = true;
                 }
-                // Requests that time out waiting then say why no instance started.
+                // Requests that time out waiting then report why no instance started.
                 let note = format!(
                     "this proxy replica cannot reach the control plane at {} ({error}), so no \
                      instance starts for it",
@@ -376,7 +376,7 @@ async fn report_loop(
     }
 }
 
-/// What the report loop remembers between reports.
+/// State the report loop keeps between reports.
 ///
 /// NOTE: a pod this replica marks failed (unreachable) leaves its routing at once, but the
 /// report does not say so. The control plane replaces it only once the pod's status shows the
@@ -573,8 +573,8 @@ mod tests {
             .collect()
     }
 
-    /// An instance the replica stops routing stays in the reports while a request on it runs,
-    /// appears once more at zero, and then no more; demand follows the pool.
+    /// An instance the replica stops routing stays in the reports while a request on it runs.
+    /// It appears once more at zero and then no more. Demand follows the pool.
     #[tokio::test]
     async fn unrouted_instance_reported_until_idle() {
         let (router, function) = router_with_function();

@@ -18,7 +18,7 @@ use crate::model::{FunctionSpec, NamespaceSpec};
 
 /// Largest request body the API reads; a spec is a few kilobytes at most.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Longest time the API waits for a request body to arrive in full.
+/// Maximum time the API waits for a request body to arrive in full.
 pub const BODY_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reads the whole body of `request`, rejecting it with `BodyTooLarge` past `MAX_BODY_BYTES`.

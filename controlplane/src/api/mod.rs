@@ -70,7 +70,7 @@ pub(crate) trait Control: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bytes::Bytes, PlatformError>> + Send;
     /// Lists the proxy replicas of a namespace.
     fn replicas(&self, namespace: &str) -> Vec<crate::platform::ReplicaStatus>;
-    /// Answers a proxy replica's routes poll.
+    /// Returns the routes for a proxy replica's poll.
     fn replica_routes(
         &self,
         namespace: &str,

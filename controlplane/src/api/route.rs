@@ -21,8 +21,8 @@ pub(crate) enum Route {
     /// `/v1/packages/{sha256}`: a stored code package, for node agents.
     Package { digest: String },
     /// `/v1/namespaces/{namespace}/replicas/{replica}/routes`: a proxy replica's routes poll.
-    /// NOTE: like the rest of the API, unauthenticated: whoever reaches the API can join as a
-    /// replica, so keep the API listener off networks other clients share.
+    /// NOTE: unauthenticated like the rest of the API. Any client that reaches the API can join
+    /// as a replica, so keep the API listener off networks other clients share.
     ReplicaRoutes { namespace: String, replica: String },
     /// `/v1/namespaces/{namespace}/replicas/{replica}/report`: a proxy replica's report.
     ReplicaReport { namespace: String, replica: String },

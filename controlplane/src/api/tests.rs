@@ -22,7 +22,7 @@ struct FakeControl {
     namespaces: Mutex<Store>,
 }
 
-/// What `Platform` answers a replica of a namespace in default mode.
+/// Returns the error `Platform` gives a replica of a namespace in default mode.
 fn replicas_unsupported(namespace: &str) -> PlatformError {
     PlatformError::Conflict(format!(
         "namespace {namespace:?}: proxy replicas serve k8s-mode namespaces only"

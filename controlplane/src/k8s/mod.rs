@@ -676,7 +676,7 @@ struct DeleteOnDrop {
     pods: Option<Api<Pod>>,
     name: String,
     uid: String,
-    /// Where the deletion's task is kept, so shutdown can wait for it.
+    /// The list that keeps the deletion's task, so shutdown can wait for it.
     pending: Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 

@@ -116,8 +116,8 @@ fn routed_default() -> bool {
     true
 }
 
-/// The control plane's response to a report: what the scaler has found that the replica's waiting
-/// requests need, per function with something to say.
+/// The control plane's response to a report: the scaler's findings that the replica's waiting
+/// requests need, for each function that has any.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReportResponse {
     pub functions: Vec<FunctionNotice>,
@@ -130,7 +130,7 @@ pub struct FunctionNotice {
     /// The last start failure, while the scaler backs off before the next attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_failure: Option<StartFailureNotice>,
-    /// Why the scaler cannot add instances now, such as an exhausted memory quota.
+    /// The reason the scaler cannot add instances now, such as an exhausted memory quota.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_note: Option<String>,
 }
